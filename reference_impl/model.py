@@ -214,7 +214,9 @@ class SparseMoeBlock(nn.Module):
         b, t, h = x.shape
         flat = x.reshape(-1, h)
         router_logits = self.gate(flat)  # [N, E]
-        ids = select(router_logits).sort(dim=-1).values  # [N, k]; order never matters
+        # Selection never carries gradient (and must save nothing for backward, so a recompute
+        # that reuses the forward's ids saves the same tensors).
+        ids = select(router_logits.detach()).sort(dim=-1).values  # [N, k]; order never matters
         weights = gate_weights(router_logits, ids, self.norm_topk_prob).to(x.dtype)
         out = torch.zeros_like(flat)
         token_idx_all = torch.arange(flat.shape[0], device=x.device)

@@ -188,14 +188,21 @@ def record_routing(model) -> Iterator[RouteRecorder]:
 
 
 @contextmanager
-def replay_routing(model, trace: RoutingTrace, *, strict: bool = True) -> Iterator[ReplayStats]:
+def replay_routing(
+    model, trace: RoutingTrace, *, seq_lengths: Sequence[int] | None = None, strict: bool = True
+) -> Iterator[ReplayStats]:
     """Replay ``trace`` in every forward of ``model`` inside the block; yields live :class:`ReplayStats`.
+
+    Pass ``seq_lengths`` (tokens per sequence of the batch) to check the alignment rule up front:
+    sequence ``i`` must have ``seq_lengths[i] - 1`` rows.
 
     With ``strict`` (default), leaving the block without a single replayed forward raises: a replay
     that silently did nothing (e.g. the model was rebuilt and the forward ran on another instance)
     is the failure real frameworks hit with orphaned replay objects.
     """
     num_layers, top_k, num_experts = _routing_shape(model)
+    if seq_lengths is not None:
+        trace.check_alignment(seq_lengths)
     policy = ReplayRouting(trace, num_layers=num_layers, top_k=top_k, num_experts=num_experts)
     previous = model.routing
     model.routing = policy
