@@ -78,7 +78,7 @@ def config_from_hf_dict(d: dict) -> MoEConfig:
         num_key_value_heads=d.get("num_key_value_heads", num_heads),
         head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
         moe_intermediate_size=d["moe_intermediate_size"],
-        num_experts=d["num_experts"],
+        num_experts=d["num_experts"] if "num_experts" in d else d["num_local_experts"],  # transformers 5 writes the latter
         num_experts_per_tok=d["num_experts_per_tok"],
         norm_topk_prob=d.get("norm_topk_prob", False),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set everything up (first run: a few minutes) and run every test: the package, the real engines
+# (each in its own subprocess), the tutorials (executed), the strict site build and the
+# headless-Chromium checks. A skipped test fails the run (REQUIRE_ALL=1).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"` for the fast tier.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+bash scripts/setup.sh --browser
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export REQUIRE_ALL=1 NO_MKDOCS_2_WARNING=1 PYTHONHASHSEED=0
+nbstripout --verify tutorials/*/*.ipynb
+python -m pytest tests "$@"
+echo "[test] total wall time: $(( $(date +%s) - start )) s"
