@@ -1,0 +1,161 @@
+"""Converters from the routing layouts real frameworks return into :class:`RoutingTrace`.
+
+Every converter ends in the package's one alignment rule (a sequence of ``n`` tokens has ``n - 1``
+routed rows, :func:`reference_impl.routing.routed_rows`) and turns sentinels into the validity
+mask. Layouts, as read from each project's source (options move fast; see the framework guide):
+
+==================  ===============================================  =========================
+source              per-sequence layout                              missing rows
+==================  ===============================================  =========================
+vLLM                ``routed_experts [prompt+gen-1, L, k]``,         prefix-cached positions
+                    uint8 (≤ 256 experts) or uint16                  are not reported
+SGLang / slime      ``meta_info["routed_experts"]``: base64 of       —
+                    int32 ``[len(tokens)-1, L, k]``
+verl                int16 ``[seq_len, L, k]``: one row per token,    zero rows + a replay mask
+                    the last one zero, plus a replay mask
+NeMo-RL             ``[.., L, k]`` with ``-1`` for missing rows      ``-1`` sentinel
+Megatron-core       per layer ``[S*B, k]`` long, s-major             —
+                    (row = s * B + b) over a padded ``[B, S]`` batch
+==================  ===============================================  =========================
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .routing import RoutingTrace, routed_rows
+
+__all__ = [
+    "from_vllm",
+    "from_sglang",
+    "from_verl",
+    "from_sentinel_rows",
+    "from_layer_major",
+    "to_layer_major",
+]
+
+
+def _as_tensor(array, name: str) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array
+    arr = np.asarray(array)
+    if arr.dtype == np.uint16:  # torch has no general uint16 ops; widen losslessly
+        arr = arr.astype(np.int32)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name}: routed experts must be integers, got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _check_rows(rows: torch.Tensor, seq_len: int, name: str) -> None:
+    if rows.dim() != 3:
+        raise ValueError(f"{name}: expected [rows, num_layers, top_k], got shape {tuple(rows.shape)}")
+    if rows.shape[0] != routed_rows(seq_len):
+        raise ValueError(
+            f"{name}: a sequence of {seq_len} tokens must have {routed_rows(seq_len)} routed rows "
+            f"(positions 0..n-2), got {rows.shape[0]}"
+        )
+
+
+def from_vllm(routed_experts: Sequence, seq_lengths: Sequence[int], num_experts: int) -> RoutingTrace:
+    """vLLM's ``CompletionOutput.routed_experts`` arrays, one per sequence, ``[prompt+gen-1, L, k]``.
+
+    ``seq_lengths[i]`` = prompt + generated tokens of sequence ``i``. uint16 payloads (> 256
+    experts) are widened before the range check.
+    """
+    parts = []
+    for i, (arr, n) in enumerate(zip(routed_experts, seq_lengths, strict=True)):
+        rows = _as_tensor(arr, "from_vllm")
+        _check_rows(rows, int(n), f"from_vllm: sequence {i}")
+        parts.append(RoutingTrace(rows, num_experts))
+    return RoutingTrace.concatenate(parts)
+
+
+def from_sglang(routed_experts_b64: Sequence[str], seq_lengths: Sequence[int], num_layers: int, top_k: int, num_experts: int) -> RoutingTrace:
+    """SGLang's ``meta_info["routed_experts"]`` (base64 of int32 ``[len(tokens)-1, L, k]``), as slime consumes it."""
+    parts = []
+    for i, (payload, n) in enumerate(zip(routed_experts_b64, seq_lengths, strict=True)):
+        flat = np.frombuffer(base64.b64decode(payload), dtype=np.int32)
+        if flat.size % (num_layers * top_k):
+            raise ValueError(
+                f"from_sglang: sequence {i} payload has {flat.size} ids, not a multiple of num_layers*top_k={num_layers * top_k}"
+            )
+        rows = torch.from_numpy(flat.reshape(-1, num_layers, top_k).copy())
+        _check_rows(rows, int(n), f"from_sglang: sequence {i}")
+        parts.append(RoutingTrace(rows, num_experts))
+    return RoutingTrace.concatenate(parts)
+
+
+def from_verl(routes: Sequence, replay_masks: Sequence | None, num_experts: int) -> RoutingTrace:
+    """verl's per-token layout: ``[seq_len, L, k]`` (int16), the last row zero, plus an optional replay mask.
+
+    The last row (the last token is never forwarded by the engine) is dropped; rows whose mask is
+    False become invalid rows (replayed natively), whatever ids they hold.
+    """
+    parts = []
+    for i, arr in enumerate(routes):
+        rows = _as_tensor(arr, "from_verl")
+        if rows.dim() != 3 or rows.shape[0] < 1:
+            raise ValueError(f"from_verl: sequence {i} must be [seq_len >= 1, L, k], got {tuple(rows.shape)}")
+        valid = torch.ones(rows.shape[0], dtype=torch.bool)
+        if replay_masks is not None:
+            mask = _as_tensor(replay_masks[i], "from_verl").bool()
+            if mask.shape != (rows.shape[0],):
+                raise ValueError(f"from_verl: sequence {i} replay mask has shape {tuple(mask.shape)}, expected ({rows.shape[0]},)")
+            valid = mask
+        n = rows.shape[0]
+        parts.append(RoutingTrace(rows[: routed_rows(n)], num_experts, valid[: routed_rows(n)].clone()))
+    return RoutingTrace.concatenate(parts)
+
+
+def from_sentinel_rows(routes: Sequence, seq_lengths: Sequence[int], num_experts: int, sentinel: int = -1) -> RoutingTrace:
+    """Layouts that mark missing rows with a sentinel id (NeMo-RL: ``-1``): such rows become invalid."""
+    parts = []
+    for i, (arr, n) in enumerate(zip(routes, seq_lengths, strict=True)):
+        rows = _as_tensor(arr, "from_sentinel_rows").long()
+        _check_rows(rows, int(n), f"from_sentinel_rows: sequence {i}")
+        missing = (rows == sentinel).any(dim=-1).any(dim=-1)
+        parts.append(RoutingTrace(rows, num_experts, ~missing))
+    return RoutingTrace.concatenate(parts)
+
+
+def from_layer_major(per_layer: Sequence[torch.Tensor], seq_lengths: Sequence[int], num_experts: int, *, order: str = "s-major") -> RoutingTrace:
+    """Per-layer ``[S*B, k]`` routing of a right-padded ``[B, S]`` batch (Megatron's RouterReplay layout).
+
+    ``order="s-major"``: row ``s * B + b`` (Megatron); ``"b-major"``: row ``b * S + s`` (transformers).
+    """
+    B = len(seq_lengths)
+    if not per_layer:
+        raise ValueError("from_layer_major: no layers given")
+    rows, k = per_layer[0].shape
+    if rows % B:
+        raise ValueError(f"from_layer_major: {rows} rows is not a multiple of the batch size {B}")
+    S = rows // B
+    stacked = torch.stack([t.long() for t in per_layer], dim=1)  # [S*B, L, k]
+    if order == "s-major":
+        grid = stacked.view(S, B, len(per_layer), k).transpose(0, 1)
+    elif order == "b-major":
+        grid = stacked.view(B, S, len(per_layer), k)
+    else:
+        raise ValueError(f"from_layer_major: order must be 's-major' or 'b-major', got {order!r}")
+    return RoutingTrace.from_padded(grid, seq_lengths, num_experts)
+
+
+def to_layer_major(trace: RoutingTrace, seq_len: int, *, order: str = "s-major", fill: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Inverse of :func:`from_layer_major`: per-layer ``[S*B, k]`` long targets and the ``[S*B]`` validity.
+
+    Positions without a valid trace row get ``fill[b, s, layer]`` if given (e.g. the engine's own
+    native choice), else the filler ``0..k-1``.
+    """
+    ids, valid = trace.to_padded(seq_len)  # [B, S, L, k], [B, S]
+    if fill is not None:
+        ids = torch.where(valid[..., None, None], ids, fill.long())
+    if order == "s-major":
+        ids, valid = ids.transpose(0, 1), valid.transpose(0, 1)
+    elif order != "b-major":
+        raise ValueError(f"to_layer_major: order must be 's-major' or 'b-major', got {order!r}")
+    flat = ids.reshape(-1, trace.num_layers, trace.top_k)
+    return [flat[:, layer].contiguous() for layer in range(trace.num_layers)], valid.reshape(-1)
