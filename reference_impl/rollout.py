@@ -21,13 +21,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from .model import KVCache
 from .numerics import add_router_noise, engine_copy
 from .replay import record_routing
-from .routing import RoutingTrace
+from .routing import RoutingTrace, read_safetensors
 
 __all__ = ["RolloutBatch", "RolloutEngine", "next_token_logprobs"]
+
+_BATCH_FORMAT = "reference_impl.RolloutBatch"
+_BATCH_TENSORS = ("tokens", "prompt_lengths", "seq_lengths", "rollout_logp", "mask", "group_ids")
 
 
 @dataclass
@@ -58,6 +62,43 @@ class RolloutBatch:
             r = min(s - p, width)
             out[i, :r] = self.tokens[i, p : p + r]
         return out
+
+    def save(self, path) -> None:
+        """Write the batch (tokens, log-probs, mask, routes) to one safetensors file, never pickle.
+
+        This is the exchange format of ``python -m reference_impl compare``: build a
+        :class:`RolloutBatch` from any engine's output (see :mod:`reference_impl.converters`) and save it.
+        """
+        tensors, meta = self.rollout_trace.to_tensors(prefix="trace.")
+        for name in _BATCH_TENSORS:
+            tensors[name] = getattr(self, name).contiguous()
+        meta["format"] = _BATCH_FORMAT
+        save_file(tensors, str(path), metadata=meta)
+
+    @staticmethod
+    def load(path) -> "RolloutBatch":
+        """Read a batch written by :meth:`save`; shapes and the alignment rule are checked."""
+        tensors, meta = read_safetensors(path, _BATCH_FORMAT)
+        missing = [n for n in _BATCH_TENSORS if n not in tensors]
+        if missing:
+            raise ValueError(f"RolloutBatch.load: file lacks tensors {missing}")
+        trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.")
+        batch = RolloutBatch(**{n: tensors[n] for n in _BATCH_TENSORS}, rollout_trace=trace)
+        batch.validate()
+        return batch
+
+    def validate(self) -> None:
+        """Raise unless shapes agree and the trace follows the alignment rule."""
+        n, S = self.tokens.shape
+        for name, shape in (("rollout_logp", (n, S - 1)), ("mask", (n, S - 1))):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"RolloutBatch: {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+        for name in ("prompt_lengths", "seq_lengths", "group_ids"):
+            if tuple(getattr(self, name).shape) != (n,):
+                raise ValueError(f"RolloutBatch: {name} has shape {tuple(getattr(self, name).shape)}, expected ({n},)")
+        if int(self.seq_lengths.max()) > S:
+            raise ValueError(f"RolloutBatch: a sequence length exceeds the {S} token columns")
+        self.rollout_trace.check_alignment(self.seq_lengths.tolist())
 
     def select(self, index: torch.Tensor | list[int]) -> "RolloutBatch":
         """The sub-batch of the given sequences (e.g. a mini-batch)."""

@@ -331,49 +331,31 @@ class RoutingTrace:
         )
 
     # ---------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """Write the trace with safetensors (never pickle).
+    def to_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The on-disk layout (the only one): tensors and metadata, names prefixed by ``prefix``.
 
-        Layout: ``expert_ids`` in the compact dtype, ``rows_per_seq`` (int64 per sequence),
+        ``expert_ids`` in the compact dtype, ``rows_per_seq`` (int64 per sequence) and
         ``invalid_rows`` (int64 indices of invalid rows; empty when all rows are valid).
         """
-        meta = {"format": _FORMAT_NAME, "version": _FORMAT_VERSION, "num_experts": str(self.num_experts)}
-        if metadata:
-            for key, value in metadata.items():
-                if key in meta:
-                    raise ValueError(f"RoutingTrace.save: metadata key {key!r} is reserved")
-                if not isinstance(value, str):
-                    raise TypeError(f"RoutingTrace.save: metadata values must be str, got {type(value).__name__} for {key!r}")
-                meta[key] = value
         tensors = {
-            "expert_ids": self.expert_ids.contiguous(),
-            "rows_per_seq": torch.tensor(self.rows_per_seq, dtype=torch.int64),
-            "invalid_rows": torch.nonzero(~self.valid).flatten().to(torch.int64),
+            prefix + "expert_ids": self.expert_ids.contiguous(),
+            prefix + "rows_per_seq": torch.tensor(self.rows_per_seq, dtype=torch.int64),
+            prefix + "invalid_rows": torch.nonzero(~self.valid).flatten().to(torch.int64),
         }
-        save_file(tensors, os.fspath(path), metadata=meta)
+        meta = {"format": _FORMAT_NAME, "version": _FORMAT_VERSION, prefix + "num_experts": str(self.num_experts)}
+        return tensors, meta
 
     @staticmethod
-    def load(path: str | os.PathLike) -> "RoutingTrace":
-        """Read a trace written by :meth:`save`, validating it fully."""
-        trace, _ = RoutingTrace.load_with_metadata(path)
-        return trace
-
-    @staticmethod
-    def load_with_metadata(path: str | os.PathLike) -> tuple["RoutingTrace", dict[str, str]]:
-        """Like :meth:`load`, also returning the user metadata stored with the trace."""
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != _FORMAT_NAME:
-                raise ValueError(f"RoutingTrace.load: {os.fspath(path)!r} is not a RoutingTrace file (format={meta.get('format')!r})")
-            if meta.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"RoutingTrace.load: unsupported trace version {meta.get('version')!r}")
-            missing = {"expert_ids", "rows_per_seq", "invalid_rows"} - set(f.keys())
-            if missing:
-                raise ValueError(f"RoutingTrace.load: file lacks tensors {sorted(missing)}")
-            ids = f.get_tensor("expert_ids")
-            rows_per_seq = f.get_tensor("rows_per_seq").tolist()
-            invalid_rows = f.get_tensor("invalid_rows")
-        num_experts = int(meta["num_experts"])
+    def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str = "") -> "RoutingTrace":
+        """Rebuild (and fully validate) a trace from :meth:`to_tensors` output."""
+        if meta.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"RoutingTrace.load: unsupported trace version {meta.get('version')!r}")
+        names = [prefix + n for n in ("expert_ids", "rows_per_seq", "invalid_rows")]
+        missing = [n for n in names if n not in tensors]
+        if missing or prefix + "num_experts" not in meta:
+            raise ValueError(f"RoutingTrace.load: file lacks {missing or [prefix + 'num_experts']}")
+        ids, rows_per_seq, invalid_rows = (tensors[n] for n in names)
+        num_experts = int(meta[prefix + "num_experts"])
         if ids.dtype != compact_dtype(num_experts):
             raise ValueError(
                 f"RoutingTrace.load: expert_ids stored as {ids.dtype}, expected {compact_dtype(num_experts)} "
@@ -384,8 +366,47 @@ class RoutingTrace:
             if int(invalid_rows.min()) < 0 or int(invalid_rows.max()) >= ids.shape[0]:
                 raise ValueError("RoutingTrace.load: invalid_rows holds an index outside the trace")
             valid[invalid_rows] = False
+        return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+        """Write the trace with safetensors (never pickle), layout of :meth:`to_tensors`."""
+        tensors, meta = self.to_tensors()
+        save_file(tensors, os.fspath(path), metadata=_merge_metadata(meta, metadata))
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "RoutingTrace":
+        """Read a trace written by :meth:`save`, validating it fully."""
+        trace, _ = RoutingTrace.load_with_metadata(path)
+        return trace
+
+    @staticmethod
+    def load_with_metadata(path: str | os.PathLike) -> tuple["RoutingTrace", dict[str, str]]:
+        """Like :meth:`load`, also returning the user metadata stored with the trace."""
+        tensors, meta = read_safetensors(path, _FORMAT_NAME)
         user_meta = {k: v for k, v in meta.items() if k not in ("format", "version", "num_experts")}
-        return RoutingTrace(ids, num_experts, valid, rows_per_seq), user_meta
+        return RoutingTrace.from_tensors(tensors, meta), user_meta
+
+
+def _merge_metadata(meta: dict[str, str], extra: dict[str, str] | None) -> dict[str, str]:
+    meta = dict(meta)
+    for key, value in (extra or {}).items():
+        if key in meta:
+            raise ValueError(f"save: metadata key {key!r} is reserved")
+        if not isinstance(value, str):
+            raise TypeError(f"save: metadata values must be str, got {type(value).__name__} for {key!r}")
+        meta[key] = value
+    return meta
+
+
+def read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file whose ``format`` metadata is ``expected_format``."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("format") != expected_format:
+            raise ValueError(
+                f"load: {os.fspath(path)!r} is not a {expected_format} file (format={meta.get('format')!r})"
+            )
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
 def _check_ids(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> None:

@@ -172,7 +172,7 @@ class Trainer:
             self.optimizer.step()
             current = rec.trace(lengths)
             stats = dict(stats)
-            stats["loss"] = float(loss)
+            stats["loss"] = float(loss.detach())
             stats["grad_norm"] = float(grad_norm)
             stats["routing_flip_rate"] = M.routing_flip_rate(sub_old_trace.expert_ids.long(), current.expert_ids.long())
             stats["routing_vs_rollout"] = current.agreement(sub.rollout_trace).router_disagreement

@@ -175,7 +175,7 @@ def test_save_uses_safetensors_with_metadata_and_compact_layout(tmp_path):
 def test_load_refuses_files_that_are_not_traces(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(3)}, path)
-    with pytest.raises(ValueError, match="not a RoutingTrace file"):
+    with pytest.raises(ValueError, match="is not a reference_impl.RoutingTrace file"):
         RoutingTrace.load(path)
 
 
