@@ -1,0 +1,236 @@
+"""Checks on the built site that `mkdocs build --strict` passes without noticing.
+
+* every page is built in both languages, with the same heading ids;
+* /zh/ pages are Chinese (no silent English fallback), /en/ pages are not;
+* notebook pages are rendered HTML, not the notebook's raw JSON, and /zh/ shows the Chinese narrative;
+* the language switcher leads to the same page in the other language;
+* the search index segments Chinese into words (jieba);
+* math and assets are local: MathJax is in the site and no page loads anything from another host.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+from bs4 import BeautifulSoup
+
+from site_helpers import LANGS, ROOT, lang_prefix, notebook_urls, page_urls
+
+pytestmark = pytest.mark.site
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+PAGES = page_urls()
+BASE = "http://site.test/"
+
+
+def _html(site_dir: Path, url: str) -> str:
+    path = site_dir / url / "index.html"
+    assert path.is_file(), f"{url or '/'} was not built ({path} missing)"
+    return path.read_text(encoding="utf-8")
+
+
+def _soup(site_dir: Path, url: str) -> BeautifulSoup:
+    return BeautifulSoup(_html(site_dir, url), "html.parser")
+
+
+def _article(soup: BeautifulSoup):
+    article = soup.select_one("article.md-content__inner")
+    assert article is not None, "no <article class=md-content__inner>"
+    return article
+
+
+def _heading_ids(soup: BeautifulSoup) -> list[str]:
+    return [h["id"] for h in _article(soup).find_all(re.compile(r"^h[1-6]$")) if h.get("id")]
+
+
+def _prose(article) -> list[str]:
+    """Text of paragraphs and list items that are prose: not code, tables or API docstrings."""
+    out = []
+    for el in article.find_all(["p", "li"]):
+        if el.find_parent(["pre", "code", "table"]) or el.find_parent(class_="doc") or el.find_parent(class_="jp-OutputArea"):
+            continue
+        text = " ".join(el.get_text(" ").split())
+        if len(text) >= 8:
+            out.append(text)
+    return out
+
+
+# ------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("url", PAGES)
+def test_page_is_built_in_both_languages_with_the_same_heading_ids(site_dir, url):
+    en = _heading_ids(_soup(site_dir, url))
+    zh = _heading_ids(_soup(site_dir, "zh/" + url))
+    assert en, f"{url or '/'} has no headings with ids"
+    assert en == zh, f"{url or '/'}: heading ids differ\n en: {en}\n zh: {zh}"
+
+
+def test_no_page_is_built_in_one_language_only(site_dir):
+    def built(root: Path, skip_zh: bool) -> set[str]:
+        pages = set()
+        for p in root.rglob("index.html"):
+            rel = p.parent.relative_to(root).as_posix()
+            rel = "" if rel == "." else rel + "/"
+            if skip_zh and rel.startswith("zh/"):
+                continue
+            pages.add(rel)
+        return pages
+
+    en = built(site_dir, skip_zh=True)
+    zh = built(site_dir / "zh", skip_zh=False)
+    assert en == zh == set(PAGES), f"en only: {sorted(en - zh)}; zh only: {sorted(zh - en)}; expected {PAGES}"
+
+
+# ------------------------------------------------------------------------------ language
+@pytest.mark.parametrize("url", PAGES)
+def test_chinese_pages_are_chinese(site_dir, url):
+    soup = _soup(site_dir, "zh/" + url)
+    assert soup.html.get("lang") == "zh", f"zh/{url}: <html lang={soup.html.get('lang')!r}>"
+    article = _article(soup)
+    h1 = article.find("h1")
+    assert h1 is not None and CJK.search(h1.get_text()), f"zh/{url}: title is not Chinese: {h1 and h1.get_text()!r}"
+    prose = _prose(article)
+    chinese = [t for t in prose if CJK.search(t)]
+    assert len(prose) >= 1 and len(chinese) >= 0.8 * len(prose), (
+        f"zh/{url}: only {len(chinese)} of {len(prose)} paragraphs are Chinese (English fallback?): "
+        f"{[t for t in prose if not CJK.search(t)][:3]}"
+    )
+    en_text = _article(_soup(site_dir, url)).get_text()
+    assert article.get_text() != en_text
+
+
+@pytest.mark.parametrize("url", PAGES)
+def test_english_pages_are_english(site_dir, url):
+    soup = _soup(site_dir, url)
+    assert soup.html.get("lang") == "en"
+    prose = _prose(_article(soup))
+    chinese = [t for t in prose if CJK.search(t)]
+    assert not chinese, f"{url or '/'}: Chinese text on an English page: {chinese[:3]}"
+
+
+def test_chinese_navigation_is_translated(site_dir):
+    soup = _soup(site_dir, "zh/")
+    labels = [" ".join(a.get_text().split()) for a in soup.select("nav.md-nav--primary a.md-nav__link")]
+    assert labels and all(CJK.search(label) or label.startswith("API") for label in labels if label), labels
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_home_page_includes_the_package_source(site_dir, lang):
+    """The snippet include shows the package file as it is now, in every language."""
+    source = (ROOT / "reference_impl" / "__init__.py").read_text(encoding="utf-8")
+    blocks = [" ".join(pre.get_text().split()) for pre in _article(_soup(site_dir, lang_prefix(lang))).find_all("pre")]
+    assert " ".join(source.split()) in blocks, f"{lang}: reference_impl/__init__.py is not included verbatim"
+
+
+# ----------------------------------------------------------------------------- notebooks
+def _notebook_narrative(lang: str, name: str) -> list[str]:
+    """Sentences of a notebook's first Markdown paragraph (as plain text, math removed)."""
+    nb = json.loads((ROOT / "tutorials" / lang / f"{name}.ipynb").read_text(encoding="utf-8"))
+    first = next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    paragraph = [line for line in first.split("\n\n") if line and not line.startswith("#")][0]
+    paragraph = re.sub(r"`([^`]*)`", r"\1", paragraph.replace("\n", " " if lang == "en" else ""))
+    return [s for s in re.split(r"[。：:.]", paragraph) if len(s) >= 8]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("url", notebook_urls())
+def test_notebook_pages_are_rendered_html(site_dir, url, lang):
+    html = _html(site_dir, lang_prefix(lang) + url)
+    for raw in ('"cell_type"', '"nbformat"', '"execution_count"'):
+        assert raw not in html, f"{lang}/{url}: raw notebook JSON in the page ({raw})"
+    soup = BeautifulSoup(html, "html.parser")
+    wrapper = _article(soup).select_one(".jupyter-wrapper")
+    assert wrapper is not None, f"{lang}/{url}: no rendered notebook (.jupyter-wrapper)"
+    assert len(wrapper.select(".jp-CodeCell")) >= 3
+    outputs = " ".join(o.get_text() for o in wrapper.select(".jp-OutputArea-output"))
+    assert outputs.strip(), f"{lang}/{url}: the notebook was rendered without outputs (not executed?)"
+    assert not wrapper.select(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"), "stderr output"
+    assert "Traceback" not in outputs and "Error" not in outputs
+
+
+@pytest.mark.parametrize("url", notebook_urls())
+def test_chinese_notebook_page_shows_the_chinese_narrative(site_dir, url):
+    name = url.rstrip("/").split("/")[-1]
+    zh_text = "".join(_article(_soup(site_dir, "zh/" + url)).get_text().split())
+    en_text = " ".join(_article(_soup(site_dir, url)).get_text().split())
+    for sentence in _notebook_narrative("zh", name):
+        assert "".join(sentence.split()) in zh_text, f"zh/{url} lacks the Chinese narrative: {sentence!r}"
+    for sentence in _notebook_narrative("en", name):
+        assert " ".join(sentence.split()) in en_text, f"{url} lacks the English narrative: {sentence!r}"
+        assert " ".join(sentence.split()) not in " ".join(zh_text.split()), f"zh/{url} shows English narrative"
+
+
+def test_site_contains_no_raw_notebooks(site_dir):
+    assert not list(site_dir.rglob("*.ipynb")), "a notebook was copied as a file instead of rendered"
+
+
+# ----------------------------------------------------------------------- language switch
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("url", PAGES)
+def test_language_switcher_stays_on_the_same_page(site_dir, url, lang):
+    here = BASE + lang_prefix(lang) + url
+    soup = _soup(site_dir, lang_prefix(lang) + url)
+    links = {a["hreflang"]: a["href"] for a in soup.select("a.md-select__link[hreflang]")}
+    assert set(links) == set(LANGS), f"{here}: switcher offers {sorted(links)}"
+    for target, href in links.items():
+        assert urljoin(here, href).rstrip("/") == (BASE + lang_prefix(target) + url).rstrip("/"), (
+            f"{here}: the {target} link {href!r} leads to {urljoin(here, href)}"
+        )
+
+
+# -------------------------------------------------------------------------------- search
+def test_search_index_segments_chinese_words(site_dir):
+    index = json.loads((site_dir / "search" / "search_index.json").read_text(encoding="utf-8"))
+    separator = re.compile(index["config"]["separator"])
+    zh_docs = [d for d in index["docs"] if d["location"].startswith("zh/")]
+    indexed_pages = {d["location"].split("#")[0] for d in zh_docs}
+    assert {"zh/" + u for u in PAGES} <= indexed_pages, f"zh pages missing from the index: {set('zh/' + u for u in PAGES) - indexed_pages}"
+
+    # "推理引擎" sits inside a sentence of the Chinese home page; without jieba the index holds the
+    # whole run of Chinese characters as one "word" and a search for 引擎 finds nothing.
+    source = (ROOT / "docs_zh" / "index.md").read_text(encoding="utf-8")
+    assert re.search(r"[\u4e00-\u9fff]推理引擎[\u4e00-\u9fff（]", source), "test premise: 推理引擎 inside a sentence"
+    home = [d for d in zh_docs if d["location"] == "zh/"]
+    tokens = {t for d in home for t in separator.split(re.sub(r"<[^>]+>", " ", d["text"])) if t}
+    assert "引擎" in tokens and "推理" in tokens, sorted(t for t in tokens if CJK.search(t))[:40]
+    assert not any("推理引擎" in t for t in tokens)
+
+    notebook = [d for d in zh_docs if d["location"].startswith("zh/tutorials/")]
+    assert notebook and any("\u200b" in d["text"] for d in notebook), "the zh notebook page is not segmented"
+
+
+# ------------------------------------------------------------------------- local assets
+def test_mathjax_is_served_from_the_site(site_dir):
+    mathjax = site_dir / "assets" / "javascripts" / "mathjax" / "tex-svg.js"
+    assert mathjax.is_file() and mathjax.stat().st_size > 1_000_000
+    assert (site_dir / "assets" / "javascripts" / "mathjax-config.js").is_file()
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("url", PAGES)
+def test_pages_load_nothing_from_other_hosts(site_dir, url, lang):
+    here = BASE + lang_prefix(lang) + url
+    soup = _soup(site_dir, lang_prefix(lang) + url)
+    scripts = [s["src"] for s in soup.find_all("script", src=True)]
+    assert any(s.endswith("mathjax/tex-svg.js") for s in scripts), f"{here}: MathJax not loaded"
+    assert not any(s.strip() == "" for s in scripts), f"{here}: <script src=''>"
+    loaded = scripts
+    loaded += [l["href"] for l in soup.find_all("link", href=True) if set(l.get("rel", [])) & {"stylesheet", "icon", "preload", "modulepreload", "manifest"}]
+    loaded += [t["src"] for t in soup.find_all(["img", "iframe", "source", "audio", "video", "embed"], src=True)]
+    foreign = [u for u in loaded if urlsplit(urljoin(here, u)).netloc not in ("site.test", "")]
+    assert not foreign, f"{here} loads from other hosts: {foreign}"
+    css = " ".join(s.get_text() for s in soup.find_all("style"))
+    assert not re.search(r"@import\s+url\(\s*['\"]?https?:|url\(\s*['\"]?https?://", css), f"{here}: inline CSS loads a remote URL"
+
+
+@pytest.mark.parametrize("url", ["", "concepts/", "routing-trace/"])
+def test_markdown_math_is_marked_for_mathjax(site_dir, url):
+    for lang in LANGS:
+        article = _article(_soup(site_dir, lang_prefix(lang) + url))
+        assert article.select(".arithmatex"), f"{lang}/{url}: no arithmatex math"
+        # every $...$ of the source must have become an arithmatex span; none may stay in the text
+        text = " ".join(el.get_text() for el in article.find_all(["p", "li", "td"]) if not el.find_parent(["pre", "code"]) and not el.find_parent(class_="arithmatex") and not el.select(".arithmatex"))
+        assert not re.search(r"\$[^$\s][^$]*\$", text), f"{lang}/{url}: unconverted $...$ math"
