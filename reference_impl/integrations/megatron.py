@@ -43,19 +43,21 @@ static helpers (``set_replay_data``, ``set_global_router_replay_action``) then a
 many routers. :func:`load_megatron_model` clears the list before building, and
 :class:`MegatronReplay` drives its own model's routers directly and re-registers exactly them in the
 global list each time a mode starts. Indices are cleared (``clear_indices``) when a mode starts and
-ends, so nothing leaks from one step into the next.
+ends, so nothing leaks from one step into the next; the one exception is a forward that will be
+recomputed in a backward that has not run yet (its targets wait in ``replay_backward_list`` with the
+routers on REPLAY_BACKWARD, and starting another mode before that backward raises instead of mixing
+steps; :meth:`MegatronReplay.clear` drops them).
+
+Precision: fp32 only (``params_dtype=torch.float32``); bf16 would need Megatron's ``Float16Module``.
 
 All functions here import megatron lazily: the module imports without megatron-core installed.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -347,9 +349,10 @@ class MegatronReplay:
 
     After every forward in ``replay_forward`` (and in ``record``) that will be recomputed in backward
     (``recompute_granularity="full"``, train mode, grad enabled), the routers switch to
-    ``REPLAY_BACKWARD`` so the recompute pops exactly the forward's routes (FIFO, so several
-    micro-batch forwards followed by their backwards also work). :meth:`replay_backward` does the same
-    switch by hand. Outside a mode, routing is Megatron's native top-k.
+    ``REPLAY_BACKWARD`` so the recompute pops exactly the forward's routes from Megatron's FIFO
+    (several forwards in one block work if their backwards run one by one, in forward order).
+    :meth:`replay_backward` does the same switch by hand. Outside a mode, routing is Megatron's
+    native top-k; a RECORD forward under recompute also pins its recompute to the recorded routes.
 
     The routes Megatron actually dispatched (its ``routing_map``) are kept for the last forward
     (:meth:`last_routes`) and for the last recompute (:meth:`last_recompute_routes`).
@@ -370,7 +373,6 @@ class MegatronReplay:
         self.check_routing_map = check_routing_map
         self._mode: str | None = None
         self._trace: RoutingTrace | None = None
-        self._invalid_rows = "native"
         self._stats: ReplayStats | None = None
         self._recording: MegatronRecording | None = None
         self._grid: dict[tuple[int, int], tuple[list[torch.Tensor], torch.Tensor]] = {}
@@ -503,7 +505,7 @@ class MegatronReplay:
                 f"MegatronReplay: the trace has {trace.num_invalid} invalid rows and invalid_rows='error' "
                 "(Megatron replays every row; use invalid_rows='native' to route them natively)"
             )
-        self._trace, self._invalid_rows, self._stats = trace, invalid_rows, ReplayStats()
+        self._trace, self._stats = trace, ReplayStats()
         ok = False
         try:
             with self._mode_block("replay"):

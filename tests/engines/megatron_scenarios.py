@@ -253,6 +253,8 @@ def scenario_lifecycle(out: dict) -> None:
         megatron_replay_targets,
     )
 
+    from reference_impl.integrations.megatron_cpu_shims import apply_cpu_shims, shims_applied
+
     ref = reference_model()
     ckpt = tempfile.mkdtemp(prefix="megatron_ckpt_")
     build_tiny_checkpoint(ckpt, model=ref)
@@ -275,6 +277,12 @@ def scenario_lifecycle(out: dict) -> None:
     finally:
         RouterReplay.clear_global_router_replay_instances = original
     L = ref.config.num_hidden_layers
+    # The CPU shims: five, applied once (a second call changes nothing), only without CUDA.
+    current_device = torch.cuda.current_device
+    out["cuda_available"] = torch.cuda.is_available()
+    out["shims"] = list(shims_applied())
+    out["shims_second_call"] = list(apply_cpu_shims())
+    out["shims_idempotent"] = torch.cuda.current_device is current_device
     out["instances_after_unclean_rebuild"] = len(RouterReplay.global_router_replay_instances)
     targets, _ = megatron_replay_targets(pert, tokens.shape[1])
     # Megatron's own static API is now broken for the second model:

@@ -194,6 +194,16 @@ def test_misuse_raises_instead_of_replaying_nothing(results):
     assert r["replay_after_errors_routing_map_is_trace"] is True
 
 
+def test_five_cpu_shims_are_applied_once(results):
+    r = scenario(results, "lifecycle")
+    if r["cuda_available"]:
+        assert r["shims"] == []
+        return
+    assert len(r["shims"]) == 5
+    assert r["shims_second_call"] == r["shims"]
+    assert r["shims_idempotent"] is True
+
+
 # --------------------------------------------------------------- layout (no megatron needed)
 def test_duplicate_ids_in_a_target_row_are_refused_by_the_trace():
     ids = torch.tensor([[[1, 2]], [[3, 3]]])
