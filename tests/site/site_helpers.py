@@ -1,6 +1,7 @@
-"""Shared constants and helpers of the documentation-site tests (imported by conftest and tests).
+"""Shared constants and helpers of the documentation-site tests (imported by site_fixtures and the tests).
 
-Not named after the folder: a module called ``site`` would shadow Python's own ``site``.
+Not named after the folder: a module called ``site`` would shadow Python's own ``site``; fixtures
+are in ``site_fixtures.py``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from site_fixtures import browser, screenshots, site_dir, site_url  # noqa: F401 - pytest fixtures
 from site_helpers import lang_prefix, notebook_urls
 
 pytestmark = pytest.mark.site

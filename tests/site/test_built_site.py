@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 from bs4 import BeautifulSoup
 
+from site_fixtures import site_dir  # noqa: F401 - pytest fixtures
 from site_helpers import LANGS, ROOT, lang_prefix, notebook_urls, page_urls
 
 pytestmark = pytest.mark.site
