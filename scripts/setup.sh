@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the project needs in a project-local virtual environment (.venv):
 # the package with all extras (pinned), no CUDA leftovers, MathJax for offline math, and with
-# --browser the Debian chromium + chromium-driver used by the site tests.
+# --browser the Debian chromium + chromium-driver (and a CJK font) used by the site tests.
 # Idempotent: a second run with unchanged pins only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +32,13 @@ if [ ! -f .cache/npm/node_modules/mathjax/es5/tex-svg.js ]; then
   npm install --silent --no-audit --no-fund --prefix .cache/npm mathjax@3.2.2 >/dev/null
 fi
 
-if [ "$want_browser" = 1 ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
-  echo "[setup] installing Debian chromium + chromium-driver for the browser checks"
+# Browser checks: Debian's chromium + chromium-driver, and a CJK font so Chinese pages render
+# real glyphs (without one every Chinese character is a missing-glyph box).
+if [ "$want_browser" = 1 ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+    && [ "$(fc-list 2>/dev/null | grep -ci "Noto Sans CJK")" -gt 0 ]; }; then
+  echo "[setup] installing Debian chromium, chromium-driver and fonts-noto-cjk for the browser checks"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver fonts-noto-cjk >/dev/null
 fi
 echo "[setup] ready: $(python -c 'import torch, reference_impl; print("torch", torch.__version__, "| reference_impl", reference_impl.__version__)')"
