@@ -13,7 +13,7 @@ Mismatch source: at toy scale real precision effects are too small to move train
 findings use the SIMULATED mismatch of :mod:`reference_impl.numerics` (Gaussian noise on the
 engine's router logits), and say so in every table.
 
-    python experiments/reproduce.py                    # full: 3 seeds, ~60 min on 2 cores
+    python experiments/reproduce.py                    # full: 3 seeds, ~45-60 min on 2 cores
     python experiments/reproduce.py --profile ci --out /tmp/repro   # reduced: a few minutes
 
 Writes ``runs.json`` (every history), ``summary.json``, ``summary.md`` and plots into ``--out``
@@ -33,7 +33,7 @@ from pathlib import Path
 
 PROFILES = {
     # steps per RL run, prompts × group, seeds, off-policy N values, rollouts for the mismatch study
-    "full": dict(steps=200, num_prompts=32, group_size=8, seeds=(0, 1, 2), minibatches=(2, 4, 8), mismatch_prompts=128),
+    "full": dict(steps=150, num_prompts=32, group_size=8, seeds=(0, 1, 2), minibatches=(2, 4, 8), mismatch_prompts=128),
     "ci": dict(steps=6, num_prompts=8, group_size=4, seeds=(0,), minibatches=(2,), mismatch_prompts=16),
 }
 NOISE = 1.0  # SIMULATED router-logit noise for the RL findings (FACTS-toy: makes the effects visible)
