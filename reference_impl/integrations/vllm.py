@@ -441,9 +441,9 @@ def to_rollout_batch(samples: Sequence[VllmSample], group_ids: Sequence[int] | t
         tokens[i, :total] = torch.tensor(s.token_ids)
         rollout_logp[i, p - 1 : total - 1] = s.logprobs
         mask[i, p - 1 : total - 1] = 1.0
-    trace = RoutingTrace.concatenate(s.trace for s in samples)
-    trace.check_alignment(seq_lengths.tolist())
-    return RolloutBatch(tokens, prompt_lengths, seq_lengths, rollout_logp, mask, trace, group)
+    batch = RolloutBatch(tokens, prompt_lengths, seq_lengths, rollout_logp, mask, RoutingTrace.concatenate(s.trace for s in samples), group)
+    batch.validate()
+    return batch
 
 
 # ============================================================ worker side (capture path)

@@ -7,8 +7,9 @@ its own process; the test reads the results. JOB holds::
      "calls": [{"name", "prompts": [[ids]], "sampling": {SamplingParams kwargs},
                 "prompt_logprobs": bool, "on_missing_rows": "error"|"invalid"}]}
 
-For each call, ``out/NAME.safetensors`` holds the RolloutBatch tensors, ``out/NAME.trace`` the
-RoutingTrace, and ``out/result.json`` per-call stats or the error raised.
+For each call, ``out/NAME.safetensors`` holds the RolloutBatch (``RolloutBatch.save``),
+``out/NAME.prompt_logp.safetensors`` the prompt log-probs if asked, and ``out/result.json``
+per-call stats or the error raised.
 """
 
 import json
@@ -50,21 +51,12 @@ def main(job_path: str) -> None:
             continue
         seconds = time.perf_counter() - t0
         batch = to_rollout_batch(samples, pad_id=0)
-        tensors = {
-            "tokens": batch.tokens,
-            "prompt_lengths": batch.prompt_lengths,
-            "seq_lengths": batch.seq_lengths,
-            "rollout_logp": batch.rollout_logp,
-            "mask": batch.mask,
-            "group_ids": batch.group_ids,
-        }
+        batch.save(os.path.join(out, f"{name}.safetensors"))
         if samples[0].prompt_logprobs is not None:
             plp = torch.zeros(len(samples), batch.tokens.shape[1] - 1)
             for i, s in enumerate(samples):
                 plp[i, : s.prompt_len - 1] = s.prompt_logprobs
-            tensors["prompt_logp"] = plp
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"{name}.safetensors"))
-        batch.rollout_trace.save(os.path.join(out, f"{name}.trace"))
+            save_file({"prompt_logp": plp}, os.path.join(out, f"{name}.prompt_logp.safetensors"))
         result["calls"][name] = {
             "seconds": seconds,
             "rows_per_seq": list(batch.rollout_trace.rows_per_seq),
