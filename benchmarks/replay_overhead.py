@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -137,6 +138,8 @@ def bench_trace_bytes(args) -> dict:
         trace.save(path)
         size = os.path.getsize(path)
     ideal = num_layers * args.top_k
+    # information bound: a top-k *set* of E experts needs ceil(log2 C(E, k)) bits per (token, layer)
+    bound_bits = math.ceil(math.log2(math.comb(args.experts, args.top_k)))
     return {
         "num_layers": num_layers,
         "top_k": args.top_k,
@@ -148,6 +151,8 @@ def bench_trace_bytes(args) -> dict:
         "ids_bytes_per_token": ideal,
         "overhead_bytes": size - ideal * tokens,
         "int32_bytes_per_token": 4 * ideal,
+        "information_bound_bits_per_token_layer": bound_bits,
+        "information_bound_bytes_per_token": bound_bits * num_layers / 8,
     }
 
 
@@ -187,7 +192,9 @@ def main() -> None:
     print(
         f"\ntrace: {tb['bytes_per_token']:.2f} bytes/token for {tb['num_layers']} layers x top-{tb['top_k']} "
         f"(ids {tb['ids_bytes_per_token']} B/token, int32 would be {tb['int32_bytes_per_token']} B/token); "
-        f"constant overhead {tb['overhead_bytes']} B for {tb['tokens']} tokens incl. {tb['invalid_rows']} invalid rows"
+        f"constant overhead {tb['overhead_bytes']} B for {tb['tokens']} tokens incl. {tb['invalid_rows']} invalid rows; "
+        f"information bound {tb['information_bound_bytes_per_token']:.1f} B/token "
+        f"({tb['information_bound_bits_per_token_layer']} bits per token and layer)"
     )
     print(f"written to {args.out}")
 

@@ -104,7 +104,7 @@ def _add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="validate an engine's routes and log-probs against another forward")
     p.add_argument("--rollout", required=True, help="RolloutBatch .safetensors file (RolloutBatch.save)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory of the same weights")
-    p.add_argument("--engine", default="reference", choices=["reference", "transformers"])
+    p.add_argument("--engine", default="reference", choices=["reference", "transformers", "megatron"])
     p.add_argument("--no-replay", action="store_true", help="skip the recompute with the engine's routes replayed")
     p.add_argument("--top", type=int, default=10, help="how many worst tokens to list")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -149,7 +149,7 @@ def forward_fn_for(routable, call: Callable[[torch.Tensor], torch.Tensor]) -> Fo
 
 
 def load_forward(checkpoint: str | Path, engine: str) -> ForwardFn:
-    """The recompute side of ``compare``: ``reference`` (this package's model) or ``transformers``."""
+    """The recompute side of ``compare``: ``reference`` (this package's model), ``transformers`` or ``megatron``."""
     if engine == "reference":
         from .checkpoint import load_hf_checkpoint
 
@@ -162,4 +162,25 @@ def load_forward(checkpoint: str | Path, engine: str) -> ForwardFn:
 
         hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
         return forward_fn_for(attach_routing(hf), lambda tokens: hf(tokens).logits)
-    raise ValueError(f"compare: unknown engine {engine!r}; choose 'reference' or 'transformers'")
+    if engine == "megatron":
+        return _megatron_forward(checkpoint)
+    raise ValueError(f"compare: unknown engine {engine!r}; choose 'reference', 'transformers' or 'megatron'")
+
+
+def _megatron_forward(checkpoint: str | Path) -> ForwardFn:
+    """megatron-core ``GPTModel`` on the checkpoint (CPU, world size 1): RECORD natively, REPLAY_FORWARD a trace."""
+    from .integrations.megatron import init_megatron_cpu, load_megatron_model, megatron_logprobs
+
+    init_megatron_cpu()
+    model = load_megatron_model(checkpoint)
+    model.eval()
+
+    @torch.no_grad()
+    def forward(tokens, seq_lengths, trace):
+        if trace is None:
+            out = megatron_logprobs(model, tokens, seq_lengths, mode="record")
+            return out.logits.float(), out.trace
+        out = megatron_logprobs(model, tokens, seq_lengths, trace)
+        return out.logits.float(), RoutingTrace.from_padded(out.routes, seq_lengths, trace.num_experts)
+
+    return forward
