@@ -219,6 +219,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
     return masked.sum() if dim is None else masked.sum(dim=dim)
 
 
+# --8<-- [start:aggregate]
 def _aggregate(per_token: torch.Tensor, b: Batch, *, per_response_mean: bool, denominator) -> torch.Tensor:
     """Σ_i c_i Σ_t x_{i,t} / denominator, with c_i = 1/|y_i| if ``per_response_mean`` else 1.
 
@@ -228,6 +229,7 @@ def _aggregate(per_token: torch.Tensor, b: Batch, *, per_response_mean: bool, de
     if per_response_mean:
         row = row / b.lengths.clamp(min=1)
     return row.sum() / denominator
+# --8<-- [end:aggregate]
 
 
 def _sequence_mean(x: torch.Tensor, b: Batch) -> torch.Tensor:
@@ -235,6 +237,7 @@ def _sequence_mean(x: torch.Tensor, b: Batch) -> torch.Tensor:
     return masked_sum(x, b.mask, dim=1) / b.lengths.clamp(min=1)
 
 
+# --8<-- [start:clip-mask]
 def _clip_mask(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
     """M_t of Eq. 7 (arXiv 2512.01374), True where the token keeps its gradient.
 
@@ -243,13 +246,17 @@ def _clip_mask(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high:
     """
     removed = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
     return ~removed
+# --8<-- [end:clip-mask]
 
 
+# --8<-- [start:ppo-term]
 def _ppo_term(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
     """min(r Â, clip(r, 1 − ε_low, 1 + ε_high) Â), elementwise (PPO, arXiv 1707.06347)."""
     return torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+# --8<-- [end:ppo-term]
 
 
+# --8<-- [start:stats]
 def _fraction(flags: torch.Tensor, where: torch.Tensor) -> float:
     denom = int(where.sum())
     return float((flags & where).sum()) / denom if denom else 0.0
@@ -276,6 +283,7 @@ def _base_stats(b: Batch, *, clip_removed: torch.Tensor, masked: torch.Tensor | 
         tir = torch.exp(b["old_logp"] - b["rollout_logp"]).detach()
         stats["train_infer_ratio_mean"] = float(masked_sum(tir, b.mask) / b.num_tokens)
     return stats
+# --8<-- [end:stats]
 
 
 def _check_eps(fn: str, **eps: float | None) -> None:
@@ -287,6 +295,7 @@ def _check_eps(fn: str, **eps: float | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Advantages and the two estimators of the first-order approximation
 # ---------------------------------------------------------------------------------------------
+# --8<-- [start:group-advantages]
 def group_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor | Sequence[int],
@@ -344,8 +353,10 @@ def group_advantages(
         std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(sq))
         adv = adv / (std[inverse] + eps)
     return torch.where(constant, torch.zeros_like(adv), adv)
+# --8<-- [end:group-advantages]
 
 
+# --8<-- [start:sequence-level-objective]
 def sequence_level_objective(
     logp: torch.Tensor, rollout_logp: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -360,8 +371,10 @@ def sequence_level_objective(
     b = validate_batch("sequence_level_objective", mask, rewards, logp=logp, rollout_logp=rollout_logp)
     seq_log_ratio = masked_sum(b["logp"] - b["rollout_logp"], b.mask, dim=1)
     return (torch.exp(seq_log_ratio) * b.response_advantages).sum() / b.num_responses
+# --8<-- [end:sequence-level-objective]
 
 
+# --8<-- [start:token-level-objective]
 def token_level_objective(
     logp: torch.Tensor, rollout_logp: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -376,11 +389,13 @@ def token_level_objective(
     b = validate_batch("token_level_objective", mask, rewards, logp=logp, rollout_logp=rollout_logp)
     per_token = torch.exp(b["logp"] - b["rollout_logp"]) * b.advantages
     return _aggregate(per_token, b, per_response_mean=False, denominator=b.num_responses)
+# --8<-- [end:token-level-objective]
 
 
 # ---------------------------------------------------------------------------------------------
 # MiniRL
 # ---------------------------------------------------------------------------------------------
+# --8<-- [start:minirl]
 def minirl_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -416,7 +431,7 @@ def minirl_loss(
       default **n, the number of responses in the batch**. The paper does not say which constant
       it uses; any constant only rescales the learning rate.
 
-    Ablations (the paper's Fig. on-policy ablations):
+    Ablations (the paper's on-policy ablations):
 
     * ``length_norm=True`` ("w/ length-norm"): each response's token sum is first multiplied by
       1/|y_i|, then the total is divided by ``normalizer``.
@@ -477,11 +492,13 @@ def minirl_loss(
     stats = _base_stats(b, clip_removed=~keep, masked=None, weight_values=raw[b.mask])
     stats["tis_fraction"] = _fraction(truncated, b.mask)
     return -objective, stats
+# --8<-- [end:minirl]
 
 
 # ---------------------------------------------------------------------------------------------
 # PPO-clipped relatives (GRPO, Dr. GRPO, DAPO) and the mismatch corrections (IcePop, TIS, MIS)
 # ---------------------------------------------------------------------------------------------
+# --8<-- [start:clipped-surrogate]
 def _clipped_surrogate(
     b: Batch,
     *,
@@ -499,8 +516,10 @@ def _clipped_surrogate(
     keep = _clip_mask(ratio.detach(), b.advantages, eps_low, eps_high)
     objective = _aggregate(per_token, b, per_response_mean=per_response_mean, denominator=denominator)
     return objective, keep, ratio.detach()
+# --8<-- [end:clipped-surrogate]
 
 
+# --8<-- [start:grpo]
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -512,7 +531,7 @@ def grpo_loss(
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO, arXiv 2402.03300 (DeepSeekMath, Eq. 3 there):
+    """GRPO, arXiv 2402.03300 (DeepSeekMath):
 
         J = (1/n) Σ_i (1/|y_i|) Σ_t [ min(r_t Â_i, clip(r_t, 1−ε, 1+ε) Â_i) − β · KL_t ],   loss = −J
 
@@ -549,8 +568,10 @@ def grpo_loss(
     if kl_mean is not None:
         stats["kl_ref"] = kl_mean
     return -objective, stats
+# --8<-- [end:grpo]
 
 
+# --8<-- [start:dr-grpo]
 def dr_grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -585,8 +606,10 @@ def dr_grpo_loss(
         b, eps_low=eps, eps_high=eps, per_response_mean=False, denominator=b.num_responses * max_len
     )
     return -objective, _base_stats(b, clip_removed=~keep, masked=None, weight_values=ratio[b.mask])
+# --8<-- [end:dr-grpo]
 
 
+# --8<-- [start:dapo]
 def dapo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -619,8 +642,10 @@ def dapo_loss(
         b, eps_low=eps_low, eps_high=eps_high, per_response_mean=False, denominator=b.num_tokens
     )
     return -objective, _base_stats(b, clip_removed=~keep, masked=None, weight_values=ratio[b.mask])
+# --8<-- [end:dapo]
 
 
+# --8<-- [start:icepop]
 def icepop_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -663,8 +688,10 @@ def icepop_loss(
     )
     stats = _base_stats(b, clip_removed=~keep & ~outside, masked=outside, weight_values=k[b.mask])
     return -objective, stats
+# --8<-- [end:icepop]
 
 
+# --8<-- [start:rollout-correction]
 def _rollout_correction(
     fn: str,
     logp,
@@ -709,8 +736,10 @@ def _rollout_correction(
     stats = _base_stats(b, clip_removed=clip_removed, masked=masked, weight_values=values)
     stats["tis_fraction" if truncate else "mis_fraction"] = _fraction(over, b.mask)
     return -objective, stats
+# --8<-- [end:rollout-correction]
 
 
+# --8<-- [start:seq-tis]
 def seq_tis_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -747,8 +776,10 @@ def seq_tis_loss(
         "seq_tis_loss", logp, old_logp, rollout_logp, advantages, mask,
         cap=tis_cap, level=level, truncate=True, eps_low=eps_low, eps_high=eps_high,
     )
+# --8<-- [end:seq-tis]
 
 
+# --8<-- [start:seq-mis]
 def seq_mis_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -781,11 +812,13 @@ def seq_mis_loss(
         "seq_mis_loss", logp, old_logp, rollout_logp, advantages, mask,
         cap=mis_cap, level=level, truncate=False, eps_low=eps_low, eps_high=eps_high,
     )
+# --8<-- [end:seq-mis]
 
 
 # ---------------------------------------------------------------------------------------------
 # CISPO
 # ---------------------------------------------------------------------------------------------
+# --8<-- [start:cispo]
 def cispo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -796,7 +829,7 @@ def cispo_loss(
     eps_low: float | None = None,
     eps_high: float = 4.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """CISPO, MiniMax-M1 (arXiv 2506.13585, Eq. 4–5 there):
+    """CISPO, MiniMax-M1 (arXiv 2506.13585):
 
         J = (1/Σ_i |y_i|) Σ_i Σ_t sg[clip(r_t, 1−ε_low, 1+ε_high)] · Â_{i,t} · log π_θ(y_t),  loss = −J
 
@@ -830,11 +863,13 @@ def cispo_loss(
     stats = _base_stats(b, clip_removed=torch.zeros_like(b.mask), masked=None, weight_values=ratio[b.mask])
     stats["weight_clip_fraction"] = _fraction(clipped, b.mask)
     return -objective, stats
+# --8<-- [end:cispo]
 
 
 # ---------------------------------------------------------------------------------------------
 # GSPO, GSPO-token, RSPO-style router-shift weighting
 # ---------------------------------------------------------------------------------------------
+# --8<-- [start:gspo]
 def gspo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -845,7 +880,7 @@ def gspo_loss(
     eps_low: float = 3e-4,
     eps_high: float = 4e-4,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GSPO, arXiv 2507.18071 (Eq. 5–7 there):
+    """GSPO, arXiv 2507.18071:
 
         J = (1/n) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i),   loss = −J
         s_i = (π_θ(y_i|x)/π_θold(y_i|x))^{1/|y_i|} = exp((1/|y_i|) Σ_t (logp − old_logp))
@@ -875,8 +910,10 @@ def gspo_loss(
     )
     stats["seq_clip_fraction"] = _fraction(~keep, nonempty)
     return -objective, stats
+# --8<-- [end:gspo]
 
 
+# --8<-- [start:gspo-token]
 def gspo_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -887,7 +924,7 @@ def gspo_token_loss(
     eps_low: float = 3e-4,
     eps_high: float = 4e-4,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GSPO-token, arXiv 2507.18071 (Eq. 13–14 there):
+    """GSPO-token, arXiv 2507.18071:
 
         J = (1/n) Σ_i (1/|y_i|) Σ_t min(s_{i,t} Â_{i,t}, clip(s_{i,t}, 1−ε_low, 1+ε_high) Â_{i,t})
         s_{i,t} = sg[s_i] · π_θ(y_t)/sg[π_θ(y_t)],   loss = −J
@@ -915,8 +952,10 @@ def gspo_token_loss(
     keep = _clip_mask(s_tok.detach(), b.advantages, eps_low, eps_high)
     stats = _base_stats(b, clip_removed=~keep, masked=None, weight_values=s_seq[b.lengths > 0])
     return -objective, stats
+# --8<-- [end:gspo-token]
 
 
+# --8<-- [start:router-shift]
 def router_shift(
     old_router_logp: torch.Tensor, router_logp: torch.Tensor, old_expert_ids: torch.Tensor
 ) -> torch.Tensor:
@@ -955,8 +994,10 @@ def router_shift(
         raise ValueError(f"{fn}: expert id out of range [0, {num_experts}) in old_expert_ids")
     diff = (router_logp.gather(-1, ids) - old_router_logp.gather(-1, ids)).abs()  # [..., L, k]
     return diff.mean(dim=-1).mean(dim=-1)
+# --8<-- [end:router-shift]
 
 
+# --8<-- [start:rspo]
 def rspo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -1027,6 +1068,7 @@ def rspo_loss(
     stats["router_shift_mean"] = float(masked_sum(delta, b.mask) / b.num_tokens)
     stats["gamma_floor_fraction"] = _fraction(gamma < gamma_min, b.mask)
     return -objective, stats
+# --8<-- [end:rspo]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1034,6 +1076,7 @@ def rspo_loss(
 # ---------------------------------------------------------------------------------------------
 Objective = Callable[..., "tuple[torch.Tensor, dict[str, float]]"]
 
+# --8<-- [start:objectives-registry]
 #: Every objective by name; all share the call ``f(logp, old_logp, rollout_logp, advantages, mask, **options)``.
 OBJECTIVES: dict[str, Objective] = {
     "minirl": minirl_loss,
@@ -1048,6 +1091,7 @@ OBJECTIVES: dict[str, Objective] = {
     "seq_tis": seq_tis_loss,
     "seq_mis": seq_mis_loss,
 }
+# --8<-- [end:objectives-registry]
 
 
 def compute_loss(
