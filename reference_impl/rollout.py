@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from .metrics import token_logprobs_and_entropy
 from .model import KVCache
 from .numerics import add_router_noise, engine_copy
 from .replay import record_routing
 from .routing import RoutingTrace, read_safetensors
 
-__all__ = ["RolloutBatch", "RolloutEngine", "next_token_logprobs"]
+__all__ = ["RolloutBatch", "RolloutEngine", "next_token_logprobs", "next_token_logprobs_and_entropy"]
 
 _BATCH_FORMAT = "reference_impl.RolloutBatch"
 _BATCH_TENSORS = ("tokens", "prompt_lengths", "seq_lengths", "rollout_logp", "mask", "group_ids")
@@ -116,21 +117,29 @@ class RolloutBatch:
         )
 
 
+def _shifted(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of positions ``0 .. S-2`` (tempered) and the tokens they predict, ``1 .. S-1``."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape[:2] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)} in [n, S]")
+    scaled = logits[:, :-1] if temperature == 1.0 else logits[:, :-1] / temperature
+    return scaled, tokens[:, 1:]
+
+
 def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``logp[:, t] = log softmax(logits[:, t] / temperature)[tokens[:, t+1]]``, shape ``[n, S-1]``.
 
-    ``logits`` ``[n, S, V]`` from a forward over ``tokens`` ``[n, S]``; computed in fp32 one
-    position chunk at a time, so no second full-vocabulary fp32 tensor is built.
+    ``logits`` ``[n, S, V]`` from a forward over ``tokens`` ``[n, S]``; computed by the chunked
+    :func:`reference_impl.metrics.token_logprobs_and_entropy` (no second full-vocabulary fp32 tensor).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    targets = tokens[:, 1:]
-    out = []
-    for start in range(0, targets.shape[1], 64):
-        chunk = logits[:, start : start + 64][:, : targets.shape[1] - start].float() / temperature
-        lse = torch.logsumexp(chunk, dim=-1)
-        out.append(chunk.gather(-1, targets[:, start : start + 64, None]).squeeze(-1) - lse)
-    return torch.cat(out, dim=1) if out else logits.new_zeros(tokens.shape[0], 0)
+    logp, _ = token_logprobs_and_entropy(*_shifted(logits, tokens, temperature), return_entropy=False)
+    return logp
+
+
+def next_token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`next_token_logprobs` and the (detached) full-vocabulary entropy at each position, ``[n, S-1]`` each."""
+    return token_logprobs_and_entropy(*_shifted(logits, tokens, temperature))
 
 
 class RolloutEngine:

@@ -37,7 +37,7 @@ from .checkpoint import save_hf_checkpoint
 from .model import MoEConfig, MoEForCausalLM
 from .objectives import OBJECTIVES, group_advantages
 from .replay import record_routing, replay_routing
-from .rollout import RolloutBatch, RolloutEngine, next_token_logprobs
+from .rollout import RolloutBatch, RolloutEngine, next_token_logprobs, next_token_logprobs_and_entropy
 from .routing import RoutingTrace
 from .tasks import EOS, PAD, VOCAB_SIZE, cold_start, make_task
 
@@ -46,6 +46,7 @@ __all__ = ["TrainConfig", "Trainer", "REPLAY_MODES", "plot_history"]
 REPLAY_MODES = ("none", "r2", "r3")
 
 
+# --8<-- [start:train-config]
 @dataclass
 class TrainConfig:
     """Everything an experiment needs; every field is a command-line flag of ``python -m reference_impl train``."""
@@ -84,6 +85,7 @@ class TrainConfig:
                 f"TrainConfig: num_minibatches={self.num_minibatches} must divide the "
                 f"{n} responses (num_prompts={self.num_prompts} x group_size={self.group_size})"
             )
+# --8<-- [end:train-config]
 
 
 class Trainer:
@@ -119,6 +121,7 @@ class Trainer:
         rewards = self.task.rewards(prompts[batch.group_ids], batch.responses(self.task.max_new_tokens), batch.response_lengths)
         return batch, rewards
 
+    # --8<-- [start:recompute-old]
     @torch.no_grad()
     def recompute_old(self, batch: RolloutBatch) -> tuple[torch.Tensor, RoutingTrace, torch.Tensor]:
         """π_θold log-probs, the routes the recompute used (R2's ``old_trace``) and the entropy.
@@ -129,9 +132,9 @@ class Trainer:
         self.model.eval()
         with record_routing(self.model) as rec, self._routing(batch.rollout_trace if self.config.replay == "r3" else None, lengths):
             logits = self.model(batch.tokens).logits
-        old_logp = next_token_logprobs(logits, batch.tokens, self.config.temperature)
-        _, entropy = M.token_logprobs_and_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]) / self.config.temperature, batch.tokens[:, 1:].reshape(-1))
-        return old_logp, rec.trace(lengths), entropy.view(old_logp.shape)
+        old_logp, entropy = next_token_logprobs_and_entropy(logits, batch.tokens, self.config.temperature)
+        return old_logp, rec.trace(lengths), entropy
+    # --8<-- [end:recompute-old]
 
     @torch.no_grad()
     def native_routes(self, batch: RolloutBatch) -> RoutingTrace:
@@ -139,11 +142,13 @@ class Trainer:
             self.model(batch.tokens)
         return rec.trace(batch.seq_lengths.tolist())
 
+    # --8<-- [start:routing-context]
     def _routing(self, trace: RoutingTrace | None, seq_lengths):
         """Replay ``trace`` if given, else leave routing native."""
         if trace is None:
             return nullcontext()
         return replay_routing(self.model, trace, seq_lengths=seq_lengths)
+    # --8<-- [end:routing-context]
 
     def minibatches(self, n: int) -> list[torch.Tensor]:
         perm = torch.randperm(n, generator=self.shuffle_generator)
@@ -154,6 +159,7 @@ class Trainer:
         cfg = self.config
         self.model.train()
         stats_per_mb = []
+        # --8<-- [start:update-replay]
         old_parts = old_trace.split()
         for idx in self.minibatches(batch.num_sequences):
             sub = batch.select(idx)
@@ -166,6 +172,7 @@ class Trainer:
             loss, stats = self.objective(
                 logp, old_logp[idx, : logp.shape[1]], sub.rollout_logp, advantages[idx], sub.mask, **cfg.objective_kwargs
             )
+            # --8<-- [end:update-replay]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
