@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,6 +47,21 @@ SCRIPT = Path(__file__).resolve().parent / "vllm_worker_scripts" / "vllm_run.py"
 
 
 # --------------------------------------------------------------------------- helpers
+@contextmanager
+def one_thread():
+    """Run the tiny reference forwards on one thread (restored after).
+
+    On a busy 2-core machine, two OpenMP threads spin against each other: a forward of 8x64 tokens
+    took ~6 s with 2 threads and ~0.03 s with 1.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_engine(out: Path, model_dir: Path, llm: dict, calls: list[dict], timeout: float = 600) -> dict:
     """Start one vLLM engine in a subprocess, run ``calls`` through generate_with_routes, return result.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -117,19 +133,26 @@ def fp32_run(tmp_path_factory, fp32_ckpt):
     from safetensors.torch import load_file
 
     prompt_logp = load_file(root / "out" / "t1.prompt_logp.safetensors")["prompt_logp"]
-    return SimpleNamespace(ckpt=ckpt, prompts=prompts, result=result, batches=batches, prompt_logp=prompt_logp)
+    # the reference model (π_old, fp32) and transformers over the same prompt + generated tokens
+    model = load_hf_checkpoint(ckpt).eval()
+    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    reference, hf_route = {}, {}
+    with one_thread(), torch.no_grad():
+        for name, batch in batches.items():
+            reference[name] = model(batch.tokens)
+            hf_route[name] = hf_routes(hf, batch.tokens)
+    return SimpleNamespace(
+        ckpt=ckpt, prompts=prompts, result=result, batches=batches, prompt_logp=prompt_logp, reference=reference, hf_routes=hf_route
+    )
 
 
 def test_vllm_routes_equal_the_reference_model_and_transformers_for_every_token_and_layer(fp32_run):
-    model = load_hf_checkpoint(fp32_run.ckpt).eval()
-    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(fp32_run.ckpt, dtype=torch.float32).eval()
     for name, batch in fp32_run.batches.items():
         lengths = batch.seq_lengths.tolist()
         assert batch.prompt_lengths.tolist() == FP32_PROMPT_LENGTHS
         assert [n - p for n, p in zip(lengths, FP32_PROMPT_LENGTHS)] == [FP32_MAX_TOKENS] * len(lengths)
-        with torch.no_grad():
-            ours = RoutingTrace.from_padded(model(batch.tokens).routes, lengths, 8)
-        theirs = RoutingTrace.from_padded(hf_routes(hf, batch.tokens), lengths, 8)
+        ours = RoutingTrace.from_padded(fp32_run.reference[name].routes, lengths, 8)
+        theirs = RoutingTrace.from_padded(fp32_run.hf_routes[name], lengths, 8)
         vllm_trace = batch.rollout_trace
         assert vllm_trace.num_invalid == 0
         assert torch.equal(sorted_ids(vllm_trace), sorted_ids(ours)), f"{name}: vLLM routes differ from the reference model"
@@ -137,19 +160,16 @@ def test_vllm_routes_equal_the_reference_model_and_transformers_for_every_token_
 
 
 def test_vllm_mu_old_logprobs_match_the_reference_pi_old(fp32_run):
-    model = load_hf_checkpoint(fp32_run.ckpt).eval()
     for name, temperature in (("t1", 1.0), ("t07", 0.7)):
         batch = fp32_run.batches[name]
-        with torch.no_grad():
-            pi = next_token_logprobs(model(batch.tokens).logits, batch.tokens, temperature)
+        pi = next_token_logprobs(fp32_run.reference[name].logits, batch.tokens, temperature)
         gen = batch.mask > 0
         assert int(gen.sum()) == len(FP32_PROMPT_LENGTHS) * FP32_MAX_TOKENS
         err = (pi - batch.rollout_logp)[gen].abs().max().item()
         assert err <= 1e-5, f"{name}: max |log μ − log π| = {err}"
     # prompt log-probs (prompt_logprobs=0): column t scores prompt token t+1
     batch = fp32_run.batches["t1"]
-    with torch.no_grad():
-        pi = next_token_logprobs(model(batch.tokens).logits, batch.tokens)
+    pi = next_token_logprobs(fp32_run.reference["t1"].logits, batch.tokens)
     prompt_cols = torch.arange(pi.shape[1])[None, :] < (batch.prompt_lengths[:, None] - 1)
     assert (pi - fp32_run.prompt_logp)[prompt_cols].abs().max().item() <= 1e-5
 
@@ -207,7 +227,7 @@ def test_bf16_vllm_flips_near_tie_routes_and_r3_replay_lowers_the_kl(tmp_path):
     lengths = batch.seq_lengths.tolist()
 
     reference = load_hf_checkpoint(ckpt).eval()  # fp32 π_old
-    with torch.no_grad():
+    with one_thread(), torch.no_grad():
         native = reference(batch.tokens)
         with replay_routing(reference, batch.rollout_trace, seq_lengths=lengths) as stats:
             replayed = reference(batch.tokens)
