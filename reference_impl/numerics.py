@@ -30,6 +30,7 @@ NUMERICS: tuple[str, ...] = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2")
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
+# --8<-- [start:fake-quantize]
 def fake_quantize_fp8(x: torch.Tensor, fmt: str, dim: int = -1) -> torch.Tensor:
     """Round ``x`` to the FP8 grid of ``fmt`` with an absmax scale along ``dim``; returns ``x``'s dtype.
 
@@ -43,6 +44,7 @@ def fake_quantize_fp8(x: torch.Tensor, fmt: str, dim: int = -1) -> torch.Tensor:
     amax = xf.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12)
     scale = fp8_max / amax
     return ((xf * scale).to(fp8).float() / scale).to(x.dtype)
+# --8<-- [end:fake-quantize]
 
 
 def _quantize_inputs_hook(fmt: str):
@@ -53,6 +55,7 @@ def _quantize_inputs_hook(fmt: str):
     return hook
 
 
+# --8<-- [start:engine-copy]
 @torch.no_grad()
 def engine_copy(model: nn.Module, numerics: str) -> nn.Module:
     """A copy of ``model`` that computes the way an inference engine in ``numerics`` would.
@@ -74,8 +77,10 @@ def engine_copy(model: nn.Module, numerics: str) -> nn.Module:
                 module.weight.copy_(fake_quantize_fp8(module.weight, numerics, dim=1))
                 module.register_forward_pre_hook(_quantize_inputs_hook(numerics))
     return engine
+# --8<-- [end:engine-copy]
 
 
+# --8<-- [start:router-noise]
 def add_router_noise(engine: nn.Module, std: float, generator: torch.Generator) -> list:
     """SIMULATED mismatch: add ``N(0, std^2)`` noise to every router logit of ``engine``.
 
@@ -99,3 +104,4 @@ def add_router_noise(engine: nn.Module, std: float, generator: torch.Generator) 
     if not handles:
         raise ValueError("numerics: no router (module named '*.mlp.gate') found to add noise to")
     return handles
+# --8<-- [end:router-noise]
