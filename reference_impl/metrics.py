@@ -41,6 +41,7 @@ def _log_ratio(fn: str, rollout_logp, old_logp, mask):
     return (b["old_logp"] - b["rollout_logp"]).detach(), b
 
 
+# --8<-- [start:kl-k1]
 def kl_k1(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> float:
     """k1 estimate of KL(μ_θold ‖ π_θold): mean over response tokens of log μ − log π_old.
 
@@ -52,8 +53,10 @@ def kl_k1(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
     """
     log_rho, b = _log_ratio("kl_k1", rollout_logp, old_logp, mask)
     return float(masked_sum(-log_rho, b.mask) / b.num_tokens)
+# --8<-- [end:kl-k1]
 
 
+# --8<-- [start:kl-k3]
 def kl_k3(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> float:
     """k3 estimate: mean over response tokens of ρ − 1 − log ρ, with ρ = π_θold(y_t)/μ_θold(y_t).
 
@@ -66,8 +69,10 @@ def kl_k3(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
     log_rho, b = _log_ratio("kl_k3", rollout_logp, old_logp, mask)
     terms = torch.expm1(log_rho) - log_rho  # ρ − 1 − log ρ, accurate for ρ ≈ 1
     return float(masked_sum(terms, b.mask) / b.num_tokens)
+# --8<-- [end:kl-k3]
 
 
+# --8<-- [start:extreme-token-fraction]
 def extreme_token_fraction(
     rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, tau: float = 2.0
 ) -> float:
@@ -82,6 +87,7 @@ def extreme_token_fraction(
     log_rho, b = _log_ratio("extreme_token_fraction", rollout_logp, old_logp, mask)
     extreme = (log_rho.abs() > math.log(tau)) & b.mask
     return float(extreme.sum()) / b.num_tokens
+# --8<-- [end:extreme-token-fraction]
 
 
 def mismatch_metrics(
@@ -107,6 +113,7 @@ def routing_disagreement(trace_a: RoutingTrace, trace_b: RoutingTrace) -> dict[s
     return trace_a.agreement(trace_b).as_dict()
 
 
+# --8<-- [start:routing-flip-rate]
 def routing_flip_rate(
     old_routes: torch.Tensor | RoutingTrace,
     new_routes: torch.Tensor | RoutingTrace,
@@ -162,6 +169,7 @@ def routing_flip_rate(
     if per_layer:
         return flipped.mean(dim=0)
     return float(flipped.mean())
+# --8<-- [end:routing-flip-rate]
 
 
 # ------------------------------------------------------------------------ log-probs, entropy
@@ -303,6 +311,7 @@ def mean_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> float:
     return float(masked_sum(entropy.detach().to(torch.float64), keep) / count)
 
 
+# --8<-- [start:clip-fraction]
 def clip_fraction(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -319,3 +328,4 @@ def clip_fraction(
     ratio = torch.exp(b["logp"] - b["old_logp"]).detach()
     removed = ~_clip_mask(ratio, b.advantages, eps_low, eps_high) & b.mask
     return float(removed.sum()) / b.num_tokens
+# --8<-- [end:clip-fraction]

@@ -186,6 +186,7 @@ class Expert(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# --8<-- [start:gate-weights]
 def gate_weights(router_logits: torch.Tensor, expert_ids: torch.Tensor, norm_topk_prob: bool) -> torch.Tensor:
     """Gate weights of the selected experts, recomputed from live logits.
 
@@ -198,6 +199,7 @@ def gate_weights(router_logits: torch.Tensor, expert_ids: torch.Tensor, norm_top
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights
+# --8<-- [end:gate-weights]
 
 
 class SparseMoeBlock(nn.Module):
@@ -210,6 +212,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
 
+    # --8<-- [start:moe-block]
     def forward(self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]):
         b, t, h = x.shape
         flat = x.reshape(-1, h)
@@ -226,6 +229,7 @@ class SparseMoeBlock(nn.Module):
             w = (weights * hit).sum(dim=-1)[tok]
             out.index_add_(0, tok, self.experts[e](flat[tok]) * w[:, None])
         return out.view(b, t, h), ids, router_logits
+    # --8<-- [end:moe-block]
 
 
 class DecoderLayer(nn.Module):
@@ -242,6 +246,7 @@ class DecoderLayer(nn.Module):
         return x + moe_out, ids, router_logits
 
 
+# --8<-- [start:route-once]
 class _RouteOnce:
     """Chooses a layer's routes on the first call and returns the same ids on every later call.
 
@@ -257,6 +262,7 @@ class _RouteOnce:
         if self.ids is None:
             self.ids = self.choose(router_logits)
         return self.ids
+# --8<-- [end:route-once]
 
 
 class MoEModel(nn.Module):

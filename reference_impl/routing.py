@@ -40,6 +40,7 @@ _FORMAT_NAME = "reference_impl.RoutingTrace"
 _FORMAT_VERSION = "1"
 
 
+# --8<-- [start:compact-dtype]
 def compact_dtype(num_experts: int) -> torch.dtype:
     """The storage dtype for ids in ``[0, num_experts)``: uint8 up to 256 experts, int16 up to 32767."""
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
@@ -52,8 +53,10 @@ def compact_dtype(num_experts: int) -> torch.dtype:
         f"RoutingTrace: num_experts={num_experts} is larger than {MAX_NUM_EXPERTS}, "
         "the most the compact int16 layout can hold"
     )
+# --8<-- [end:compact-dtype]
 
 
+# --8<-- [start:routed-rows]
 def routed_rows(num_tokens: int) -> int:
     """Number of routed rows for a sequence of ``num_tokens`` tokens: ``num_tokens - 1``.
 
@@ -63,6 +66,7 @@ def routed_rows(num_tokens: int) -> int:
     if num_tokens < 1:
         raise ValueError(f"RoutingTrace: a sequence needs at least 1 token, got {num_tokens}")
     return num_tokens - 1
+# --8<-- [end:routed-rows]
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,7 @@ class RoutingTrace:
         return ids, valid
 
     # ------------------------------------------------------------ agreement
+    # --8<-- [start:agreement]
     def agreement(self, other: "RoutingTrace") -> RoutingAgreement:
         """Disagreement with ``other`` at the R3 paper's three levels, over rows valid in both.
 
@@ -329,6 +334,7 @@ class RoutingTrace:
             mean_differing_layers=float(differs.sum(dim=-1).float().mean()),
             num_tokens=n,
         )
+    # --8<-- [end:agreement]
 
     # ---------------------------------------------------------- persistence
     def to_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
