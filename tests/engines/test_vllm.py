@@ -68,6 +68,7 @@ def run_engine(out: Path, model_dir: Path, llm: dict, calls: list[dict], timeout
     job = out / "job.json"
     job.write_text(json.dumps({"model": str(model_dir), "out": str(out), "llm": llm, "calls": calls}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_NUM_THREADS", "1")  # a 2-thread OpenMP team spins badly on a busy 2-core machine
     proc = subprocess.run([sys.executable, str(SCRIPT), str(job)], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"vLLM subprocess failed:\n{proc.stderr[-4000:]}"
     return json.loads((out / "result.json").read_text())
