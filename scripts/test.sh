@@ -12,4 +12,6 @@ bash scripts/setup.sh --browser
 export REQUIRE_ALL=1 NO_MKDOCS_2_WARNING=1 PYTHONHASHSEED=0
 nbstripout --verify tutorials/*/*.ipynb
 python -m pytest tests "$@"
-echo "[test] total wall time: $(( $(date +%s) - start )) s"
+elapsed=$(( $(date +%s) - start ))
+mkdir -p .artifacts && printf '{"seconds": %s, "pytest_args": "%s"}\n' "$elapsed" "$*" > .artifacts/test_timing.json
+echo "[test] total wall time: ${elapsed} s"

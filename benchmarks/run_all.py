@@ -1,0 +1,113 @@
+"""Run every benchmark and write the performance table the docs include.
+
+    python benchmarks/run_all.py            # all benchmarks (~10 min on 2 cores), then the table
+    python benchmarks/run_all.py --table    # only re-render the table from the committed JSON files
+
+Each benchmark is its own script, run in its own process, writing JSON into
+``benchmarks/results/``; the table ``benchmarks/results/performance.md`` is rendered from those
+files only, so every number on the performance page comes from a committed result. Notebook wall
+times come from a forced re-execution of the tutorials; the full test-run wall time from the
+timing file ``scripts/test.sh`` leaves in ``.artifacts/test_timing.json`` (if present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCRIPTS = ["replay_overhead.py", "logprob_memory.py", "megatron_replay.py", "rollout_throughput.py", "vllm_capture.py", "mismatch_table.py"]
+
+
+def run_benchmarks() -> None:
+    for script in SCRIPTS:
+        t0 = time.perf_counter()
+        print(f"[run_all] {script} ...", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)], check=True, cwd=ROOT)
+        print(f"[run_all] {script} done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def time_notebooks() -> None:
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "execute_notebooks.py"), "--force"], check=True, cwd=ROOT, capture_output=True, text=True
+    )
+    per = {m.group(1): float(m.group(2)) for m in re.finditer(r"executed (\S+\.ipynb) in ([\d.]+)s", proc.stdout)}
+    (RESULTS / "notebook_timing.json").write_text(json.dumps({"total_seconds": time.perf_counter() - t0, "per_notebook_seconds": per}, indent=2) + "\n")
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render() -> str:
+    rows = []
+    ro = _load("replay_overhead.json")
+    if ro:
+        s, layer, model, tb = ro["settings"], ro["moe_layer_fwd_bwd"], ro["model_fwd_bwd"], ro["trace_bytes"]
+        rows.append(("reference model, one MoE layer fwd+bwd "
+                     f"({s['tokens']} tokens, hidden {s['hidden']}, {s['experts']} experts, top-{s['top_k']})",
+                     f"replay/native {layer['replay_over_native']:.3f}, record/native {layer['record_over_native']:.3f} "
+                     f"(native {layer['median_seconds']['native'] * 1e3:.0f} ms)"))
+        rows.append(("reference model, 2-layer model fwd+bwd (8×256 tokens)",
+                     f"replay/native {model['replay_over_native']:.3f}, record/native {model['record_over_native']:.3f}"))
+        rows.append((f"trace size, {tb['num_layers']} layers × top-{tb['top_k']}, {tb['num_experts']} experts",
+                     f"{tb['bytes_per_token']:.2f} B/token saved (ids {tb['ids_bytes_per_token']} B/token); int32 would be "
+                     f"{tb['int32_bytes_per_token']} B/token; information bound {tb['information_bound_bytes_per_token']:.1f} B/token "
+                     f"(⌈log2 C({tb['num_experts']},{tb['top_k']})⌉ = {tb['information_bound_bits_per_token_layer']} bits per token and layer)"))
+    mr = _load("megatron_replay.json")
+    if mr:
+        for key, label in (("no_recompute", "no recompute"), ("recompute_full", "full activation recompute")):
+            r = mr[key]
+            rows.append((f"megatron-core fwd+bwd, {label}",
+                         f"replay/native {r['replay_over_native']:.3f}, record/native {r['record_over_native']:.3f}"))
+    rt = _load("rollout_throughput.json")
+    if rt:
+        ref, v = rt["reference_engine"], rt["vllm"]
+        rows.append((f"rollout tokens/s, tiny Qwen3-MoE, batch {rt['settings']['batch']}, fp32",
+                     f"reference engine {ref['tokens_per_s']:.0f}; vLLM {v['version']} {v['tokens_per_s_no_capture']:.0f} "
+                     f"(with route capture {v['tokens_per_s_capture']:.0f}, ratio {v['ratio_capture_over_no_capture']:.3f})"))
+    lm = _load("logprob_memory.json")
+    if lm:
+        for r in lm["results"]:
+            rows.append((f"token log-prob peak memory, {r['task']} {r['phase']} "
+                         f"({lm['settings']['tokens']} tokens, vocab {lm['settings']['vocab']}, {lm['settings']['logits_dtype']} logits)",
+                         f"naive {r['naive']['peak_extra_mib']:.0f} MiB, chunked {r['chunked']['peak_extra_mib']:.0f} MiB "
+                         f"(naive/chunked {r['memory_ratio_naive_over_chunked']:.1f}×)"))
+    nb = _load("notebook_timing.json")
+    if nb:
+        per = ", ".join(f"{k.split('_')[0]}: {v:.0f} s" for k, v in sorted(nb["per_notebook_seconds"].items()))
+        rows.append(("tutorial notebooks, executed once for both languages", f"total {nb['total_seconds']:.0f} s ({per})"))
+    ci = _load("test_timing.json")
+    if ci:
+        rows.append(("full test command (`bash scripts/test.sh`, set-up already done)", f"{ci['seconds']:.0f} s wall"))
+    lines = ["<!-- generated by benchmarks/run_all.py from the JSON files in benchmarks/results/ -->", "",
+             "| measurement | result |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", action="store_true", help="only re-render the table")
+    args = p.parse_args()
+    if not args.table:
+        run_benchmarks()
+        time_notebooks()
+    timing = ROOT / ".artifacts" / "test_timing.json"
+    if timing.exists():
+        (RESULTS / "test_timing.json").write_text(timing.read_text())
+    table = render()
+    (RESULTS / "performance.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
