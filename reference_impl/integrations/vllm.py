@@ -322,15 +322,15 @@ def generate_with_routes(
     num_experts = int(vcfg.model_config.get_num_experts())
     inputs = [{"prompt_token_ids": p} for p in prompts]
 
-    if _uses_official_path(llm):
+    if _uses_official_path(llm):  # untested live: blocked on CPU builds (see the module docstring)
+        starts = [int(getattr(sp, "routed_experts_prompt_start", 0) or 0) for sp in params]
+        if any(starts) and on_missing_rows == "error":
+            raise ValueError("routed_experts_prompt_start > 0 leaves prompt rows missing; pass on_missing_rows='invalid'")
         outputs = llm.generate(inputs, params, use_tqdm=use_tqdm)
         samples = []
-        for out, sp in zip(outputs, params):
+        for out, start in zip(outputs, starts):
             n = len(out.prompt_token_ids) + len(out.outputs[0].token_ids)
-            start = int(getattr(sp, "routed_experts_prompt_start", 0) or 0)
             trace = routed_experts_to_trace(out.outputs[0].routed_experts, num_experts, num_tokens=n, prompt_start=start)
-            if start and on_missing_rows == "error":
-                raise ValueError("routed_experts_prompt_start > 0 leaves prompt rows missing; pass on_missing_rows='invalid'")
             samples.append(sample_from_request_output(out, trace))
         return samples
 
