@@ -102,7 +102,8 @@ def from_verl(routes: Sequence, replay_masks: Sequence | None, num_experts: int)
             raise ValueError(f"from_verl: sequence {i} must be [seq_len >= 1, L, k], got {tuple(rows.shape)}")
         valid = torch.ones(rows.shape[0], dtype=torch.bool)
         if replay_masks is not None:
-            mask = _as_tensor(replay_masks[i], "from_verl").bool()
+            mask = replay_masks[i]
+            mask = mask.bool() if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask, dtype=bool))
             if mask.shape != (rows.shape[0],):
                 raise ValueError(f"from_verl: sequence {i} replay mask has shape {tuple(mask.shape)}, expected ({rows.shape[0]},)")
             valid = mask

@@ -81,3 +81,10 @@ def test_s_major_puts_batch_rows_next_to_each_other():
     # row s*B + b: rows 0 and 1 are position 0 of sequences 0 and 1
     assert per_layer[0][0].tolist() == trace.expert_ids[0, 0].long().tolist()
     assert per_layer[0][1].tolist() == trace.expert_ids[3, 0].long().tolist()
+
+
+def test_verl_accepts_a_numpy_bool_mask():
+    r = rows(4)
+    mask = np.array([True, False, True, True])
+    trace = from_verl([r.numpy().astype(np.int16)], [mask], num_experts=8)
+    assert trace.valid.tolist() == [True, False, True]
