@@ -30,6 +30,7 @@ import torch
 from .routing import RoutingTrace, routed_rows
 
 __all__ = [
+    "routed_experts_to_trace",
     "from_vllm",
     "from_sglang",
     "from_verl",
@@ -60,17 +61,68 @@ def _check_rows(rows: torch.Tensor, seq_len: int, name: str) -> None:
         )
 
 
+def routed_experts_to_trace(
+    routed_experts: Any,
+    num_experts: int,
+    *,
+    num_tokens: int | None = None,
+    prompt_start: int = 0,
+) -> RoutingTrace:
+    """Convert vLLM's official ``CompletionOutput.routed_experts`` into a one-sequence trace.
+
+    Args:
+        routed_experts: array ``[prompt_len + gen_len - 1 - prompt_start, num_layers, top_k]``,
+            uint8 (≤ 256 experts) or uint16 (more), logical expert ids.
+        num_experts: experts per MoE layer (from the model config; the array does not carry it).
+        num_tokens: prompt + generated tokens of the sequence; when given, the array must hold
+            exactly ``num_tokens - 1 - prompt_start`` rows (the alignment rule).
+        prompt_start: ``SamplingParams.routed_experts_prompt_start``: vLLM then omits the first
+            ``prompt_start`` rows (multi-turn); they are kept here as *invalid* rows so the trace
+            still covers positions ``0 .. n-2``.
+
+    Not tested against a live engine (the official path is blocked on CPU), only on arrays of the
+    documented layout.
+    """
+    arr = np.asarray(routed_experts)
+    if arr.ndim != 3:
+        raise ValueError(f"routed_experts must be [rows, num_layers, top_k], got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"routed_experts must hold integers (vLLM writes uint8/uint16), got {arr.dtype}")
+    if arr.dtype == np.uint8 and num_experts > 256:
+        raise ValueError(
+            f"routed_experts is uint8 but num_experts={num_experts} > 256: vLLM writes uint16 past 256 "
+            "experts, so this array was truncated or num_experts is wrong"
+        )
+    if prompt_start < 0:
+        raise ValueError(f"prompt_start must be >= 0, got {prompt_start}")
+    rows, num_layers, top_k = arr.shape
+    if num_tokens is not None:
+        expected = routed_rows(num_tokens) - prompt_start
+        if rows != expected:
+            raise ValueError(
+                f"routed_experts has {rows} rows but a sequence of {num_tokens} tokens with prompt_start="
+                f"{prompt_start} needs {expected} (positions {prompt_start}..{num_tokens - 2}; the last "
+                "sampled token is never forwarded)"
+            )
+    ids = torch.from_numpy(arr.astype(np.int64))  # uint16 has no full torch dtype: widen first
+    valid = torch.ones(prompt_start + rows, dtype=torch.bool)
+    if prompt_start:
+        valid[:prompt_start] = False
+        ids = torch.cat([torch.zeros(prompt_start, num_layers, top_k, dtype=torch.int64), ids])
+    return RoutingTrace(ids, num_experts, valid)
+
+
 def from_vllm(routed_experts: Sequence, seq_lengths: Sequence[int], num_experts: int) -> RoutingTrace:
     """vLLM's ``CompletionOutput.routed_experts`` arrays, one per sequence, ``[prompt+gen-1, L, k]``.
 
-    ``seq_lengths[i]`` = prompt + generated tokens of sequence ``i``. uint16 payloads (> 256
-    experts) are widened before the range check.
+    ``seq_lengths[i]`` = prompt + generated tokens of sequence ``i``. See :func:`routed_experts_to_trace`.
     """
     parts = []
     for i, (arr, n) in enumerate(zip(routed_experts, seq_lengths, strict=True)):
-        rows = _as_tensor(arr, "from_vllm")
-        _check_rows(rows, int(n), f"from_vllm: sequence {i}")
-        parts.append(RoutingTrace(rows, num_experts))
+        try:
+            parts.append(routed_experts_to_trace(arr, num_experts, num_tokens=int(n)))
+        except ValueError as err:
+            raise ValueError(f"from_vllm: sequence {i}: {err}") from None
     return RoutingTrace.concatenate(parts)
 
 

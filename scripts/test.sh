@@ -10,6 +10,8 @@ bash scripts/setup.sh --browser
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export REQUIRE_ALL=1 NO_MKDOCS_2_WARNING=1 PYTHONHASHSEED=0
+# one OpenMP thread per process: steady timings on 2 cores with engine subprocesses around
+export OMP_NUM_THREADS=1
 nbstripout --verify tutorials/*/*.ipynb
 python -m pytest tests "$@"
 elapsed=$(( $(date +%s) - start ))

@@ -11,7 +11,9 @@ import torch
 
 from reference_impl import MoEConfig, MoEForCausalLM
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: on a 2-core machine an OpenMP team spinning against engine subprocesses (or any
+# other load) was seen to make forwards 100x slower; single-threaded runs are steady.
+torch.set_num_threads(1)
 
 
 def _skips_fail() -> bool:

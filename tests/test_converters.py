@@ -27,7 +27,7 @@ def test_vllm_arrays_with_prompt_plus_gen_minus_one_rows():
     trace = from_vllm([a, b], seq_lengths=[10, 5], num_experts=8)
     assert trace.rows_per_seq == (9, 4)
     assert torch.equal(trace.expert_ids[:9].long(), torch.from_numpy(a).long())
-    with pytest.raises(ValueError, match="sequence 1: a sequence of 6 tokens must have 5 routed rows"):
+    with pytest.raises(ValueError, match="sequence 1: routed_experts has 4 rows but a sequence of 6 tokens"):
         from_vllm([a, b], seq_lengths=[10, 6], num_experts=8)
 
 

@@ -93,6 +93,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..rollout import RolloutBatch
 from ..routing import RoutingTrace, routed_rows
+from ..converters import routed_experts_to_trace  # the official layout's converter lives with the others
 
 __all__ = [
     "SUPPORTED_VLLM",
@@ -190,57 +191,6 @@ def sample_from_request_output(output: Any, trace: RoutingTrace, *, stats: dict[
 
 
 # ====================================================================== official path
-def routed_experts_to_trace(
-    routed_experts: Any,
-    num_experts: int,
-    *,
-    num_tokens: int | None = None,
-    prompt_start: int = 0,
-) -> RoutingTrace:
-    """Convert vLLM's official ``CompletionOutput.routed_experts`` into a one-sequence trace.
-
-    Args:
-        routed_experts: array ``[prompt_len + gen_len - 1 - prompt_start, num_layers, top_k]``,
-            uint8 (≤ 256 experts) or uint16 (more), logical expert ids.
-        num_experts: experts per MoE layer (from the model config; the array does not carry it).
-        num_tokens: prompt + generated tokens of the sequence; when given, the array must hold
-            exactly ``num_tokens - 1 - prompt_start`` rows (the alignment rule).
-        prompt_start: ``SamplingParams.routed_experts_prompt_start``: vLLM then omits the first
-            ``prompt_start`` rows (multi-turn); they are kept here as *invalid* rows so the trace
-            still covers positions ``0 .. n-2``.
-
-    Not tested against a live engine (the official path is blocked on CPU), only on arrays of the
-    documented layout.
-    """
-    arr = np.asarray(routed_experts)
-    if arr.ndim != 3:
-        raise ValueError(f"routed_experts must be [rows, num_layers, top_k], got shape {arr.shape}")
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"routed_experts must hold integers (vLLM writes uint8/uint16), got {arr.dtype}")
-    if arr.dtype == np.uint8 and num_experts > 256:
-        raise ValueError(
-            f"routed_experts is uint8 but num_experts={num_experts} > 256: vLLM writes uint16 past 256 "
-            "experts, so this array was truncated or num_experts is wrong"
-        )
-    if prompt_start < 0:
-        raise ValueError(f"prompt_start must be >= 0, got {prompt_start}")
-    rows, num_layers, top_k = arr.shape
-    if num_tokens is not None:
-        expected = routed_rows(num_tokens) - prompt_start
-        if rows != expected:
-            raise ValueError(
-                f"routed_experts has {rows} rows but a sequence of {num_tokens} tokens with prompt_start="
-                f"{prompt_start} needs {expected} (positions {prompt_start}..{num_tokens - 2}; the last "
-                "sampled token is never forwarded)"
-            )
-    ids = torch.from_numpy(arr.astype(np.int64))  # uint16 has no full torch dtype: widen first
-    valid = torch.ones(prompt_start + rows, dtype=torch.bool)
-    if prompt_start:
-        valid[:prompt_start] = False
-        ids = torch.cat([torch.zeros(prompt_start, num_layers, top_k, dtype=torch.int64), ids])
-    return RoutingTrace(ids, num_experts, valid)
-
-
 # ========================================================================= engine setup
 def make_llm(
     model: str | os.PathLike,
