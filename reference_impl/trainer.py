@@ -44,6 +44,11 @@ from .tasks import EOS, PAD, VOCAB_SIZE, cold_start, make_task
 __all__ = ["TrainConfig", "Trainer", "REPLAY_MODES", "plot_history"]
 
 REPLAY_MODES = ("none", "r2", "r3")
+#: objectives this trainer cannot feed, and why (call them directly instead)
+NEEDS_EXTRA_INPUTS = {
+    "rspo": "needs per-token router shifts (objectives.router_shift over per-layer router log-probs), "
+    "which this trainer does not compute; call objectives.rspo_loss directly",
+}
 
 
 # --8<-- [start:train-config]
@@ -79,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: replay must be one of {REPLAY_MODES}, got {self.replay!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig: unknown objective {self.objective!r}; choose from {sorted(OBJECTIVES)}")
+        if self.objective in NEEDS_EXTRA_INPUTS:
+            raise ValueError(f"TrainConfig: objective {self.objective!r} {NEEDS_EXTRA_INPUTS[self.objective]}")
         n = self.num_prompts * self.group_size
         if self.num_minibatches < 1 or n % self.num_minibatches:
             raise ValueError(

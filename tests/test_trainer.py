@@ -66,6 +66,8 @@ def test_unknown_replay_mode_and_objective_are_refused():
         TrainConfig(replay="r4")
     with pytest.raises(ValueError, match="unknown objective 'ppo2'"):
         TrainConfig(objective="ppo2")
+    with pytest.raises(ValueError, match="'rspo' needs per-token router shifts"):
+        TrainConfig(objective="rspo")
 
 
 def test_train_records_metrics_for_every_step():
