@@ -97,10 +97,12 @@ def render() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", action="store_true", help="only re-render the table")
+    p.add_argument("--no-notebooks", action="store_true", help="keep the committed notebook timings")
     args = p.parse_args()
     if not args.table:
         run_benchmarks()
-        time_notebooks()
+        if not args.no_notebooks:
+            time_notebooks()
     timing = ROOT / ".artifacts" / "test_timing.json"
     if timing.exists():
         (RESULTS / "test_timing.json").write_text(timing.read_text())
