@@ -139,6 +139,7 @@ def execute_one(name: str, timeout: int) -> None:
             km=km,
             timeout=timeout,
             kernel_name="python3",
+            coalesce_streams=True,  # one line per progress bar: \r updates are applied, not listed
             allow_errors=False,
             resources={"metadata": {"path": scratch}},
         )
