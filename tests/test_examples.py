@@ -87,7 +87,7 @@ def test_validate_framework_converts_every_layout_and_compares(tmp_path):
     for line in ("routing disagreement: router", "per layer: L0", "native  : KL k1", "replayed: KL k1", "worst tokens"):
         assert line in out
     assert "R3 replay lowers KL(mu || pi_old): True" in out
-    assert re.search(r"off-by-one caught: from_vllm: sequence 0: a sequence of (\d+) tokens must have \d+ routed rows", out)
+    assert re.search(r"off-by-one caught: from_vllm: sequence 0: routed_experts has \d+ rows but a sequence of (\d+) tokens", out)
     assert (tmp_path / "work" / "report.json").is_file() and (tmp_path / "work" / "framework.safetensors").is_file()
 
 
