@@ -83,16 +83,6 @@ def _logprob_stats(batch: RolloutBatch, old_logp: torch.Tensor) -> dict:
     }
 
 
-def per_layer_disagreement(a: RoutingTrace, b: RoutingTrace) -> list[float]:
-    """Share of tokens whose top-k set differs, for each layer (rows valid in both)."""
-    both = a.valid & b.valid
-    x = a.expert_ids[both].long().sort(-1).values
-    y = b.expert_ids[both].long().sort(-1).values
-    if x.shape[0] == 0:
-        return [0.0] * a.num_layers
-    return (x != y).any(-1).float().mean(0).tolist()
-
-
 def compare_batch(batch: RolloutBatch, forward: ForwardFn, *, replay: bool = True, top: int = 10, temperature: float = 1.0) -> ComparisonReport:
     """Recompute ``batch`` with ``forward`` (natively, and replaying its routes) and compare."""
     batch.validate()
@@ -121,7 +111,7 @@ def compare_batch(batch: RolloutBatch, forward: ForwardFn, *, replay: bool = Tru
         num_sequences=batch.num_sequences,
         num_response_tokens=int(batch.mask.sum()),
         routing=agreement.as_dict(),
-        per_layer_router_disagreement=per_layer_disagreement(batch.rollout_trace, native_trace),
+        per_layer_router_disagreement=list(agreement.per_layer),
         native=_logprob_stats(batch, old_logp),
         replayed=replayed,
         worst_tokens=worst,

@@ -86,7 +86,8 @@ class _ReplayForward:
     def __init__(self, ids: torch.Tensor, valid: torch.Tensor, top_k: int, stats: ReplayStats) -> None:
         # ids [tokens, L, k] int64 for this forward's tokens (batch-major), valid [tokens]
         self.ids, self.valid, self.top_k, self.stats = ids, valid, top_k, stats
-        self.all_valid = bool(valid.all())
+        self.num_valid = int(valid.sum())  # once per forward, not once per layer
+        self.all_valid = self.num_valid == valid.numel()
 
     def select(self, layer: int, router_logits: torch.Tensor) -> torch.Tensor:
         if router_logits.shape[0] != self.ids.shape[0]:
@@ -94,9 +95,8 @@ class _ReplayForward:
                 f"replay: layer {layer} routes {router_logits.shape[0]} tokens but the trace covers {self.ids.shape[0]}"
             )
         replayed = self.ids[:, layer].to(router_logits.device)
-        n_valid = int(self.valid.sum())
-        self.stats.replayed_rows += n_valid
-        self.stats.native_rows += self.ids.shape[0] - n_valid
+        self.stats.replayed_rows += self.num_valid
+        self.stats.native_rows += self.ids.shape[0] - self.num_valid
         if self.all_valid:
             return replayed
         native = native_topk(router_logits, self.top_k)

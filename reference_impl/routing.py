@@ -83,6 +83,7 @@ class RoutingAgreement:
     token_disagreement: float
     mean_differing_layers: float
     num_tokens: int
+    per_layer: tuple[float, ...] = ()  # share of compared tokens whose top-k set differs, per layer
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -327,12 +328,13 @@ class RoutingTrace:
         differs = (a != b).any(dim=-1)  # [tokens, layers]
         n = int(both.sum())
         if n == 0:
-            return RoutingAgreement(0.0, 0.0, 0.0, 0)
+            return RoutingAgreement(0.0, 0.0, 0.0, 0, (0.0,) * self.num_layers)
         return RoutingAgreement(
             router_disagreement=float(differs.float().mean()),
             token_disagreement=float(differs.any(dim=-1).float().mean()),
             mean_differing_layers=float(differs.sum(dim=-1).float().mean()),
             num_tokens=n,
+            per_layer=tuple(differs.float().mean(dim=0).tolist()),
         )
     # --8<-- [end:agreement]
 

@@ -38,3 +38,25 @@ def tiny_model(seed: int = 0, **overrides) -> MoEForCausalLM:
 @pytest.fixture
 def model() -> MoEForCausalLM:
     return tiny_model(seed=0, router_initializer_range=0.5).eval()
+
+
+def hf_forward_with_routes(hf_model, input_ids):
+    """Logits and per-layer top-k ids ``[b, t, L, k]`` (sorted) of a transformers Qwen3-MoE forward.
+
+    Read from the routers' own outputs with forward hooks (not through this package's adapter),
+    so it is an independent check of our routes.
+    """
+    captured = {}
+    handles = [
+        layer.mlp.gate.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out[2]))
+        for i, layer in enumerate(hf_model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            logits = hf_model(input_ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    b, t = input_ids.shape
+    routes = torch.stack([captured[i].view(b, t, -1).sort(-1).values for i in range(len(captured))], dim=2)
+    return logits, routes

@@ -5,28 +5,10 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import hf_forward_with_routes, tiny_model
 from reference_impl import load_hf_checkpoint, save_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_forward_with_routes(hf_model, input_ids):
-    """Logits and per-layer top-k ids (sorted) of a transformers Qwen3-MoE forward."""
-    captured = {}
-    handles = [
-        layer.mlp.gate.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out[2]))
-        for i, layer in enumerate(hf_model.model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            logits = hf_model(input_ids).logits
-    finally:
-        for h in handles:
-            h.remove()
-    b, t = input_ids.shape
-    routes = torch.stack([captured[i].view(b, t, -1).sort(-1).values for i in range(len(captured))], dim=2)
-    return logits, routes
 
 
 @pytest.mark.parametrize("router_std", [0.5, 0.02])  # well-separated and near-tie router logits

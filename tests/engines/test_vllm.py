@@ -33,6 +33,7 @@ import torch
 pytest.importorskip("vllm")
 transformers = pytest.importorskip("transformers")
 
+from conftest import hf_forward_with_routes  # noqa: E402
 from reference_impl import RoutingTrace, load_hf_checkpoint, replay_routing  # noqa: E402
 from reference_impl.integrations import vllm as rv  # noqa: E402
 from reference_impl.model import MoEConfig, MoEForCausalLM  # noqa: E402
@@ -76,19 +77,7 @@ def run_engine(out: Path, model_dir: Path, llm: dict, calls: list[dict], timeout
 
 def hf_routes(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-layer top-k ids (sorted) of a transformers Qwen3-MoE forward, ``[b, t, L, k]``."""
-    captured = {}
-    handles = [
-        layer.mlp.gate.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out[2]))
-        for i, layer in enumerate(hf_model.model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            hf_model(input_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    b, t = input_ids.shape
-    return torch.stack([captured[i].view(b, t, -1).sort(-1).values for i in range(len(captured))], dim=2)
+    return hf_forward_with_routes(hf_model, input_ids)[1]
 
 
 def sorted_ids(trace: RoutingTrace) -> torch.Tensor:
