@@ -148,7 +148,6 @@ def from_sglang(routed_experts_b64: Sequence[str], seq_lengths: Sequence[int], n
     return RoutingTrace.concatenate(parts)
 
 
-# --8<-- [start:verl]
 def from_verl(
     routes: Any,
     replay_masks: Sequence | None = None,
@@ -213,7 +212,6 @@ def from_verl(
             stacklevel=2,
         )
     return RoutingTrace.concatenate(parts)
-# --8<-- [end:verl]
 
 
 def _as_bool(mask, name: str) -> torch.Tensor:
@@ -276,7 +274,6 @@ def slime_filler(rows: int, num_layers: int, top_k: int, num_experts: int) -> to
     return (torch.arange(rows * num_layers * top_k) % num_experts).reshape(rows, num_layers, top_k)
 
 
-# --8<-- [start:slime]
 def from_slime(rollout_routed_experts: Any, seq_lengths: Sequence[int], num_experts: int) -> RoutingTrace:
     """slime's routed experts: per sample, or packed the way its Megatron actor replays them.
 
@@ -325,7 +322,6 @@ def from_slime(rollout_routed_experts: Any, seq_lengths: Sequence[int], num_expe
         _check_rows(rows, n, name)
         parts.append(RoutingTrace(rows, num_experts))
     return RoutingTrace.concatenate(parts)
-# --8<-- [end:slime]
 
 
 def from_sentinel_rows(routes: Sequence, seq_lengths: Sequence[int], num_experts: int, sentinel: int = -1) -> RoutingTrace:

@@ -430,3 +430,31 @@ def test_slime_bad_inputs_get_named_errors():
         from_slime([rollout[0][:-1], *rollout[1:]], lengths, E)
     with pytest.raises(TraceFormatError, match="packed routes must be"):
         from_slime(packed[:, 0], lengths, E)
+
+
+# ---------------------------------------------------------------- the calls shown in the guide
+@pytest.mark.filterwarnings("ignore:from_verl")
+def test_guide_verl_call():
+    batch = verl_batch(SAMPLES)  # DataProto.batch of verl's agent loop, R3 on
+    # --8<-- [start:verl-call]
+    routed_experts = batch["routed_experts"]  # int16 [B, prompt_length + response_length, L, k]; zeros = not recorded
+    attention_mask = batch["attention_mask"]  # [B, prompt_length + response_length]: prompt left-, response right-padded
+    response_mask = batch["response_mask"]  # [B, response_length]: 1 = token the policy generated
+    trace = from_verl(routed_experts, num_experts=E, attention_mask=attention_mask, response_mask=response_mask)
+    # --8<-- [end:verl-call]
+    assert trace.rows_per_seq == tuple(int(n) - 1 for n in attention_mask.sum(dim=-1))
+    assert trace.num_invalid == 3  # the zero-filled rows of the multi-turn sample
+
+
+def test_guide_slime_call():
+    samples = [slime_rollout(s, t) for s, t in zip(SLIME_SAMPLES, SLIME_TURNS)]
+    tokens = [torch.zeros(s.n, dtype=torch.long) for s in SLIME_SAMPLES]
+    packed = slime_prepare_routed_experts(samples, [len(t) for t in tokens], 8)
+    # --8<-- [start:slime-call]
+    # per Sample: sample.rollout_routed_experts, int32 [len(sample.tokens) - 1, L, k] (SGLang's rows)
+    trace = from_slime(samples, [len(t) for t in tokens], num_experts=E)
+    # or what slime's Megatron actor replays: prepare_routed_experts_for_routing_replay(...), int32
+    # [sum(len(tokens)) + pad, L, k] with the filler arange(L*k) % E at each sample's last position
+    assert from_slime(packed, [len(t) for t in tokens], num_experts=E) == trace
+    # --8<-- [end:slime-call]
+    assert trace.num_invalid == 0 and trace.rows_per_seq == tuple(len(t) - 1 for t in tokens)
