@@ -22,7 +22,7 @@ Megatron-core       per layer ``[S*B, k]`` long, s-major             —
 from __future__ import annotations
 
 import base64
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
