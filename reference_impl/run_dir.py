@@ -4,7 +4,8 @@ Layout of ``RUN_DIR`` (the trainer's ``out_dir``)::
 
     config.json               the TrainConfig, written before the first step
     metrics.jsonl             one JSON line per finished step, appended and fsync'ed as the run goes
-    checkpoints/step_NNNNN/   config.json + model.safetensors (Hugging Face layout),
+    checkpoints/step_NNNNN/   config.json + model.safetensors (Hugging Face layout: load_hf_checkpoint
+                              and transformers read it as it is), and trainer_state/ with
                               optimizer.safetensors + optimizer.json (AdamW state, no pickle),
                               rng.safetensors (every random-generator state) + state.json (step)
     metrics.json, metrics.png written at the end of the run
@@ -45,6 +46,7 @@ __all__ = ["prepare_run_dir", "append_metrics", "read_metrics", "save_checkpoint
 KILL_AFTER_STEP = "REFERENCE_IMPL_TEST_KILL_AFTER_STEP"
 KILL_IN_SAVE = "REFERENCE_IMPL_TEST_KILL_IN_SAVE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STATE = "trainer_state"
 _RUN_FILES = ("config.json", "metrics.jsonl", "metrics.json", "metrics.png")
 
 
@@ -228,15 +230,19 @@ def save_checkpoint(run_dir: str | os.PathLike, trainer: Any) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf_checkpoint(trainer.model, tmp)
     _kill_if(KILL_IN_SAVE, trainer.step)  # test hook: between two files of a save
+    state = tmp / _STATE
+    state.mkdir()
     opt_tensors, opt_extra = _optimizer_files(trainer.optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(opt_extra))
+    save_file(opt_tensors, state / "optimizer.safetensors")
+    (state / "optimizer.json").write_text(json.dumps(opt_extra))
     rng_tensors, rng_meta = _rng_tensors(trainer)
-    save_file(rng_tensors, tmp / "rng.safetensors", metadata=rng_meta)
-    (tmp / "state.json").write_text(json.dumps({"step": trainer.step}))
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+    save_file(rng_tensors, state / "rng.safetensors", metadata=rng_meta)
+    (state / "state.json").write_text(json.dumps({"step": trainer.step}))
+    for d in (state, tmp):
+        for f in d.iterdir():
+            if f.is_file():
+                _fsync_file(f)
+        _fsync_dir(d)
     os.rename(tmp, final)
     _fsync_dir(root)
     return final
@@ -247,7 +253,7 @@ def _complete_checkpoints(run_dir: Path) -> Iterator[tuple[int, Path]]:
     if root.is_dir():
         for p in root.iterdir():
             m = _STEP_DIR.match(p.name)
-            if m and p.is_dir() and (p / "state.json").exists():
+            if m and p.is_dir() and (p / _STATE / "state.json").exists():
                 yield int(m.group(1)), p
 
 
@@ -281,13 +287,14 @@ def restore(trainer: Any, run_dir: str | os.PathLike, ckpt: Path) -> None:
     Restores optimizer, step, every RNG state and the history (metrics lines of the steps before
     the checkpoint; later lines, from the killed attempt, are dropped from ``metrics.jsonl``).
     """
+    state = ckpt / _STATE
     try:
-        step = json.loads((ckpt / "state.json").read_text())["step"]
-        opt_extra = json.loads((ckpt / "optimizer.json").read_text())
-        opt_tensors = load_file(ckpt / "optimizer.safetensors")
+        step = json.loads((state / "state.json").read_text())["step"]
+        opt_extra = json.loads((state / "optimizer.json").read_text())
+        opt_tensors = load_file(state / "optimizer.safetensors")
         from safetensors import safe_open
 
-        with safe_open(os.fspath(ckpt / "rng.safetensors"), framework="pt") as f:
+        with safe_open(os.fspath(state / "rng.safetensors"), framework="pt") as f:
             rng_meta = dict(f.metadata() or {})
             rng_tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
