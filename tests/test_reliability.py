@@ -248,3 +248,26 @@ def test_mismatched_counts_name_both_arguments():
         from_verl(routes, [np.ones(4, dtype=bool)], 8)
     with pytest.raises(TraceFormatError, match="routed_experts has 2 sequences but seq_lengths has 3"):
         from_vllm([np.zeros((2, 2, 2), dtype=np.uint8)] * 2, [3, 3, 3], 8)
+
+
+def test_cli_bad_rollout_file_and_bad_checkpoint_are_one_line_errors(policy, tmp_path, capsys):
+    from reference_impl.checkpoint import save_hf_checkpoint
+
+    ckpt = save_hf_checkpoint(policy, tmp_path / "ckpt")
+    batch = _batch(policy)
+    batch.rollout_logp = batch.rollout_logp[:, :-1]  # wrong shape: a malformed file
+    bad = tmp_path / "bad.safetensors"
+    tensors, meta = batch.rollout_trace.to_tensors(prefix="trace.")
+    from safetensors.torch import save_file
+
+    for name in ("tokens", "rollout_logp", "mask", "prompt_lengths", "seq_lengths", "group_ids"):
+        tensors[name] = getattr(batch, name).contiguous()
+    save_file(tensors, bad, metadata={**meta, "format": "reference_impl.RolloutBatch"})
+    assert cli(["compare", "--rollout", str(bad), "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "rollout_logp has shape" in err and len(err.splitlines()) == 1
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    assert cli(["rollout", "--checkpoint", str(ckpt), "--out", str(tmp_path / "r.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "expected model_type 'qwen3_moe'" in err and len(err.splitlines()) == 1
