@@ -297,6 +297,8 @@ class Trainer:
             raise ConfigError(f"train --resume: {run_dir}/config.json does not match TrainConfig: {err}") from None
         trainer = cls(config, model=load_hf_checkpoint(ckpt))
         RD.restore(trainer, run_dir, ckpt)
+        if config.steps < trainer.step:
+            raise ConfigError(f"train --resume: steps={config.steps} is before the checkpoint's step {trainer.step}")
         trainer._run_prepared = True
         return trainer
 

@@ -117,6 +117,8 @@ def test_resume_drops_metrics_of_steps_after_the_checkpoint(tmp_path):
     resumed = Trainer.resume(out)
     assert [r["step"] for r in resumed.history] == [0, 1]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ConfigError, match="before the checkpoint's step 2"):
+        Trainer.resume(out, steps=1)
 
 
 def test_resume_without_a_checkpoint_is_a_config_error(tmp_path):
