@@ -244,7 +244,7 @@ def test_empty_batches_name_the_argument(call, name):
 
 def test_mismatched_counts_name_both_arguments():
     routes = [np.zeros((4, 2, 2), dtype=np.int16) + np.array([0, 1], dtype=np.int16)] * 2
-    with pytest.raises(TraceFormatError, match="routes has 2 sequences but replay_masks has 1"):
+    with pytest.raises(AlignmentError, match="2 route arrays but 1 replay masks"):
         from_verl(routes, [np.ones(4, dtype=bool)], 8)
     with pytest.raises(TraceFormatError, match="routed_experts has 2 sequences but seq_lengths has 3"):
         from_vllm([np.zeros((2, 2, 2), dtype=np.uint8)] * 2, [3, 3, 3], 8)
