@@ -16,7 +16,7 @@ from reference_impl.errors import TraceFormatError
 
 pytestmark = pytest.mark.slow
 
-NUM_MUTATIONS = 4000
+NUM_MUTATIONS = 30000
 
 
 def _mutate(data: bytes, rng: random.Random) -> bytes:
