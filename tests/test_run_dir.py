@@ -66,6 +66,11 @@ def test_metrics_are_appended_per_step_and_checkpoints_hold_every_rng(tmp_path):
     assert {"torch", "python", "numpy", "generator.prompt_generator", "generator.shuffle_generator",
             "generator.engine.generator", "generator.engine.noise_generator"} <= set(rng)
     load_hf_checkpoint(out / "checkpoints" / "step_00001")  # each checkpoint is a loadable HF checkpoint
+    weights = out / "checkpoints" / "step_00002" / "model.safetensors"
+    before = weights.stat()
+    trainer.save()  # the end-of-run save again: a complete checkpoint is never rewritten in place
+    after = weights.stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
 
 
 def test_an_out_dir_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
