@@ -4,10 +4,16 @@
 
     python -m reference_impl train --task sort --replay r3 --numerics bf16 --steps 50 --out-dir runs/r3
     python -m reference_impl train --config my_experiment.json --seed 1
+    python -m reference_impl train --resume runs/r3            # continue a killed run exactly
+
+An ``--out-dir`` that already holds a run is refused unless ``--resume`` or ``--overwrite`` is given.
 
 ``rollout``: sample with the reference engine from a checkpoint and save a RolloutBatch file::
 
     python -m reference_impl rollout --checkpoint ckpt/ --numerics bf16 --out rollout.safetensors
+
+A user mistake (unknown task, bad config file, bad value, missing file) prints one line and exits
+with status 2; a bug still shows its traceback.
 
 ``compare``: recompute a RolloutBatch file (from any engine) with another engine and report the
 routing disagreement (three levels, per layer), KL(μ_old‖π_old), F(2) and the worst tokens,
@@ -24,6 +30,8 @@ import json
 import sys
 import typing
 
+from .errors import ConfigError, ReferenceImplError
+
 __all__ = ["main"]
 
 
@@ -32,6 +40,8 @@ def _add_train_parser(sub) -> None:
 
     p = sub.add_parser("train", help="run a synchronous RL experiment (MiniRL by default)")
     p.add_argument("--config", type=str, default=None, help="JSON file with TrainConfig fields; flags override it")
+    p.add_argument("--resume", type=str, default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (its checkpoints are removed)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -45,22 +55,46 @@ def _add_train_parser(sub) -> None:
             p.add_argument(flag, type=base, default=None, help=f"default: {f.default!r}")
 
 
+def _read_config_file(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except OSError as err:
+        raise ConfigError(f"train: cannot read config file {path!r}: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train: config file {path!r} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"train: config file {path!r} must hold a JSON object, got {type(values).__name__}")
+    return values
+
+
 def _run_train(args) -> int:
     from .trainer import TrainConfig, Trainer
 
-    values = {}
-    if args.config:
-        with open(args.config) as fh:
-            values.update(json.load(fh))
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            values[f.name] = v
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise SystemExit(f"train: unknown config keys {sorted(unknown)}")
-    config = TrainConfig(**values)
-    trainer = Trainer(config)
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.resume:
+        extra = sorted(set(given) - {"steps", "progress"}) + (["config"] if args.config else []) + (["overwrite"] if args.overwrite else [])
+        if extra:
+            raise ConfigError(f"train --resume: the run's own config is used; only --steps and --progress may be given, not {extra}")
+        trainer = Trainer.resume(args.resume, steps=given.get("steps"), progress=given.get("progress"))
+    else:
+        values = _read_config_file(args.config) if args.config else {}
+        values.update(given)
+        unknown = set(values) - set(names)
+        if unknown:
+            raise ConfigError(f"train: unknown config keys {sorted(unknown)}")
+        try:
+            config = TrainConfig(**values)
+        except TypeError as err:
+            raise ConfigError(f"train: {err}") from None
+        if config.out_dir:
+            from .run_dir import prepare_run_dir
+
+            prepare_run_dir(config.out_dir, dataclasses.asdict(config), overwrite=args.overwrite)
+        trainer = Trainer(config)
+        trainer._run_prepared = bool(config.out_dir)
+    config = trainer.config
     history = trainer.train()
     last = history[-1]
     print(json.dumps({k: last[k] for k in ("step", "reward", "kl_k3", "extreme_token_fraction", "routing_disagreement")}))
@@ -124,14 +158,24 @@ def _run_compare(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, status 2 (argparse prints the usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reference_impl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m reference_impl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train_parser(sub)
     _add_rollout_parser(sub)
     _add_compare_parser(sub)
     args = parser.parse_args(argv)
-    return {"train": _run_train, "rollout": _run_rollout, "compare": _run_compare}[args.command](args)
+    try:
+        return {"train": _run_train, "rollout": _run_rollout, "compare": _run_compare}[args.command](args)
+    except (ReferenceImplError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # a user mistake: one line, status 2; anything else is a bug and keeps its traceback
+        print(f"python -m reference_impl {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

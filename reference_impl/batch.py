@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
+from .errors import TraceFormatError
 from .routing import RoutingTrace, read_safetensors
 
 __all__ = ["RolloutBatch"]
@@ -73,10 +74,13 @@ class RolloutBatch:
         tensors, meta = read_safetensors(path, _BATCH_FORMAT)
         missing = [n for n in _BATCH_TENSORS if n not in tensors]
         if missing:
-            raise ValueError(f"RolloutBatch.load: file lacks tensors {missing}")
-        trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.")
-        batch = RolloutBatch(**{n: tensors[n] for n in _BATCH_TENSORS}, rollout_trace=trace)
-        batch.validate()
+            raise TraceFormatError(f"RolloutBatch.load: {str(path)!r} lacks tensors {missing}")
+        try:
+            trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.")
+            batch = RolloutBatch(**{n: tensors[n] for n in _BATCH_TENSORS}, rollout_trace=trace)
+            batch.validate()
+        except (TypeError, ValueError) as err:
+            raise TraceFormatError(f"RolloutBatch.load: {str(path)!r}: {err}") from None
         return batch
 
     def validate(self) -> None:

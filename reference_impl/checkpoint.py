@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import ConfigError
 from .model import MoEConfig, MoEForCausalLM
 
 __all__ = ["hf_config_dict", "config_from_hf_dict", "save_hf_checkpoint", "load_hf_checkpoint"]
@@ -61,14 +62,14 @@ def hf_config_dict(cfg: MoEConfig, dtype: torch.dtype = torch.float32) -> dict:
 def config_from_hf_dict(d: dict) -> MoEConfig:
     """Read a Qwen3-MoE ``config.json`` dict; refuse features this tiny model does not implement."""
     if d.get("model_type") != "qwen3_moe":
-        raise ValueError(f"checkpoint: expected model_type 'qwen3_moe', got {d.get('model_type')!r}")
+        raise ConfigError(f"checkpoint: expected model_type 'qwen3_moe', got {d.get('model_type')!r}")
     if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
-        raise ValueError("checkpoint: dense (mlp_only) layers are not supported; every layer must be MoE")
+        raise ConfigError("checkpoint: dense (mlp_only) layers are not supported; every layer must be MoE")
     if d.get("attention_bias"):
-        raise ValueError("checkpoint: attention_bias=True is not supported")
+        raise ConfigError("checkpoint: attention_bias=True is not supported")
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"checkpoint: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        raise ConfigError(f"checkpoint: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
     num_heads = d["num_attention_heads"]
     return MoEConfig(
         vocab_size=d["vocab_size"],
@@ -118,7 +119,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint: tensor names do not match a Qwen3-MoE model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )

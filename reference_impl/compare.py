@@ -8,7 +8,13 @@ routes replayed (R3) — and the report gives:
 
 * routing disagreement at the R3 paper's three levels (arXiv 2510.11370), and per layer;
 * KL(μ_old‖π_old) (k1, k3) and the extreme-token fraction F(2), native and under replay;
-* the tokens with the largest |log π_old − log μ_old| and the layers that disagree most.
+* the tokens with the largest |log π_old − log μ_old| and the layers that disagree most;
+* under replay, the agreement between the routes the replayed forward used and the trace's (0 when
+  replay reaches every router), and how many rows the replay drove.
+
+Every agreement says how many rows it compared (``n of N``); with none, the disagreement is NaN
+(``null`` in the JSON report) and the text says so, never a reassuring 0%. A replay that drove
+no row is flagged in ``warnings``.
 
 With matching numerics (both fp32) every number should be ~0 natively: that is the check that a
 framework's capture is aligned (row ``t`` routes input position ``t``) and its replay reaches the
@@ -18,6 +24,7 @@ routers. Under a real precision gap, replay should lower the KL and zero the dis
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +35,7 @@ from . import metrics as M
 from .replay import record_routing, replay_routing
 from .batch import RolloutBatch
 from .logprobs import next_token_logprobs
+from .errors import ConfigError
 from .routing import RoutingTrace
 
 __all__ = ["ComparisonReport", "compare_batch", "forward_fn_for"]
@@ -40,36 +48,63 @@ ForwardFn = Callable[[torch.Tensor, list[int], RoutingTrace | None], tuple[torch
 class ComparisonReport:
     num_sequences: int
     num_response_tokens: int
-    routing: dict  # three levels, engine vs native recompute
+    routing: dict  # three levels, engine vs native recompute, + num_tokens (n compared) of num_rows (N)
     per_layer_router_disagreement: list[float]
     native: dict  # kl_k1, kl_k3, extreme_token_fraction, max_abs_log_ratio
     replayed: dict | None
     worst_tokens: list[dict] = field(default_factory=list)
+    replayed_routing: dict | None = None  # replayed forward's routes vs the trace (should be 0)
+    replay_rows_driven: int | None = None  # (token, layer) rows the replay set; None if unknown
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """The report as JSON; NaN (nothing compared) becomes ``null``."""
+        return json.dumps(_nan_to_none(asdict(self)), indent=2, allow_nan=False)
 
     def summary(self) -> str:
-        r = self.routing
         lines = [
             f"sequences: {self.num_sequences}, response tokens: {self.num_response_tokens}",
-            f"routing disagreement: router {r['router_disagreement']:.4%}, token {r['token_disagreement']:.4%}, "
-            f"mean differing layers/token {r['mean_differing_layers']:.4f}",
-            "per layer: " + ", ".join(f"L{i} {v:.3%}" for i, v in enumerate(self.per_layer_router_disagreement)),
-            _fmt("native  ", self.native),
+            "routing disagreement (engine vs native recompute): " + _fmt_agreement(self.routing),
         ]
+        if self.routing["num_tokens"]:
+            lines.append("per layer: " + ", ".join(f"L{i} {v:.3%}" for i, v in enumerate(self.per_layer_router_disagreement)))
+        lines.append(_fmt("native  ", self.native))
         if self.replayed is not None:
             lines.append(_fmt("replayed", self.replayed))
+        if self.replayed_routing is not None:
+            driven = "" if self.replay_rows_driven is None else f"; replay drove {self.replay_rows_driven} (token, layer) rows"
+            lines.append("replayed routes vs trace: " + _fmt_agreement(self.replayed_routing) + driven)
         lines.append("worst tokens (sequence, position, token, log mu, log pi_old):")
         for w in self.worst_tokens:
             lines.append(f"  seq {w['sequence']:>4} pos {w['position']:>5} token {w['token']:>6}  {w['rollout_logp']:.5f}  {w['old_logp']:.5f}")
+        lines.extend(f"WARNING: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def _fmt(label: str, d: dict) -> str:
     return (
         f"{label}: KL k1 {d['kl_k1']:.3e}, k3 {d['kl_k3']:.3e}, F(2) {d['extreme_token_fraction']:.4%}, "
         f"max |log ratio| {d['max_abs_log_ratio']:.3e}"
+    )
+
+
+def _fmt_agreement(r: dict) -> str:
+    counted = f"{r['num_tokens']} of {r['num_rows']} rows compared"
+    if not r["num_tokens"]:
+        return f"n/a ({counted}: no row is valid in both traces, so nothing was compared)"
+    return (
+        f"router {r['router_disagreement']:.4%}, token {r['token_disagreement']:.4%}, "
+        f"mean differing layers/token {r['mean_differing_layers']:.4f} ({counted})"
     )
 
 
@@ -91,10 +126,18 @@ def compare_batch(batch: RolloutBatch, forward: ForwardFn, *, replay: bool = Tru
     logits, native_trace = forward(batch.tokens, lengths, None)
     old_logp = next_token_logprobs(logits, batch.tokens, temperature)
     agreement = batch.rollout_trace.agreement(native_trace)
-    replayed = None
+    replayed = replayed_routing = driven = None
+    warnings = []
+    if not agreement.num_tokens:
+        warnings.append(f"no routing row was compared (0 of {agreement.num_rows} rows valid in both traces)")
     if replay:
-        r_logits, _ = forward(batch.tokens, lengths, batch.rollout_trace)
+        r_logits, r_trace = forward(batch.tokens, lengths, batch.rollout_trace)
         replayed = _logprob_stats(batch, next_token_logprobs(r_logits, batch.tokens, temperature))
+        replayed_routing = batch.rollout_trace.agreement(r_trace).as_dict()
+        stats = getattr(forward, "last_replay_stats", None)
+        driven = None if stats is None else stats.replayed_rows
+        if driven == 0 or not replayed_routing["num_tokens"]:
+            warnings.append("the replay drove no row: every position was routed natively, so 'replayed' equals 'native'")
     gap = ((old_logp - batch.rollout_logp).abs() * batch.mask).flatten()
     worst = []
     for flat in gap.topk(min(top, int(batch.mask.sum()))).indices.tolist():
@@ -116,6 +159,9 @@ def compare_batch(batch: RolloutBatch, forward: ForwardFn, *, replay: bool = Tru
         native=_logprob_stats(batch, old_logp),
         replayed=replayed,
         worst_tokens=worst,
+        replayed_routing=replayed_routing,
+        replay_rows_driven=driven,
+        warnings=warnings,
     )
 
 
@@ -132,15 +178,28 @@ def forward_fn_for(routable, call: Callable[[torch.Tensor], torch.Tensor]) -> Fo
             if trace is None:
                 logits = call(tokens)
             else:
-                with replay_routing(routable, trace, seq_lengths=seq_lengths):
+                with replay_routing(routable, trace, seq_lengths=seq_lengths) as stats:
                     logits = call(tokens)
+                forward.last_replay_stats = stats  # read by compare_batch (rows the replay drove)
         return logits.float(), rec.trace(seq_lengths)
 
+    forward.last_replay_stats = None
     return forward
 
 
 def load_forward(checkpoint: str | Path, engine: str) -> ForwardFn:
-    """The recompute side of ``compare``: ``reference`` (this package's model), ``transformers`` or ``megatron``."""
+    """The recompute side of ``compare``: ``reference`` (this package's model), ``transformers`` or ``megatron``.
+
+    ``checkpoint`` is a local directory (never a Hub id: nothing is downloaded); a missing one raises
+    :class:`~reference_impl.errors.ConfigError`.
+    """
+    if engine not in ("reference", "transformers", "megatron"):
+        raise ConfigError(f"compare: unknown engine {engine!r}; choose 'reference', 'transformers' or 'megatron'")
+    if not Path(checkpoint).is_dir():
+        raise ConfigError(
+            f"compare: checkpoint {str(checkpoint)!r} is not a local directory (local paths only; "
+            "nothing is looked up or downloaded from the Hugging Face Hub)"
+        )
     if engine == "reference":
         from .checkpoint import load_hf_checkpoint
 
@@ -151,7 +210,7 @@ def load_forward(checkpoint: str | Path, engine: str) -> ForwardFn:
 
         from .integrations.transformers import attach_routing
 
-        hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, local_files_only=True).eval()
         return forward_fn_for(attach_routing(hf), lambda tokens: hf(tokens).logits)
     if engine == "megatron":
         return _megatron_forward(checkpoint)

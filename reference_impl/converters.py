@@ -25,13 +25,14 @@ Megatron-core       per layer ``[S*B, k]`` long, s-major             —
 from __future__ import annotations
 
 import base64
+import binascii
 import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .errors import AlignmentError, TraceFormatError
+from .errors import AlignmentError, ConfigError, TraceFormatError
 from .routing import RoutingTrace, routed_rows
 
 __all__ = [
@@ -56,6 +57,15 @@ def _as_tensor(array, name: str) -> torch.Tensor:
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name}: routed experts must be integers, got dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _check_batch(fn: str, name: str, items: Sequence, *others: tuple[str, Sequence | None]) -> None:
+    """Refuse an empty batch and per-sequence arguments whose counts differ, naming the arguments."""
+    if items is None or len(items) == 0:
+        raise TraceFormatError(f"{fn}: {name} is empty (no sequences to convert)")
+    for other, values in others:
+        if values is not None and len(values) != len(items):
+            raise TraceFormatError(f"{fn}: {name} has {len(items)} sequences but {other} has {len(values)}")
 
 
 def _check_rows(rows: torch.Tensor, seq_len: int, name: str) -> None:
@@ -124,22 +134,35 @@ def from_vllm(routed_experts: Sequence, seq_lengths: Sequence[int], num_experts:
 
     ``seq_lengths[i]`` = prompt + generated tokens of sequence ``i``. See :func:`routed_experts_to_trace`.
     """
+    _check_batch("from_vllm", "routed_experts", routed_experts, ("seq_lengths", seq_lengths))
     parts = []
     for i, (arr, n) in enumerate(zip(routed_experts, seq_lengths, strict=True)):
         try:
             parts.append(routed_experts_to_trace(arr, num_experts, num_tokens=int(n)))
         except ValueError as err:
-            raise ValueError(f"from_vllm: sequence {i}: {err}") from None
+            raise type(err)(f"from_vllm: sequence {i}: {err}") from None  # keeps the package's error class
     return RoutingTrace.concatenate(parts)
 
 
 def from_sglang(routed_experts_b64: Sequence[str], seq_lengths: Sequence[int], num_layers: int, top_k: int, num_experts: int) -> RoutingTrace:
     """SGLang's ``meta_info["routed_experts"]`` (base64 of int32 ``[len(tokens)-1, L, k]``), as slime consumes it."""
+    _check_batch("from_sglang", "routed_experts_b64", routed_experts_b64, ("seq_lengths", seq_lengths))
+    for name, value in (("num_layers", num_layers), ("top_k", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"from_sglang: {name} must be an int >= 1, got {value!r}")
     parts = []
     for i, (payload, n) in enumerate(zip(routed_experts_b64, seq_lengths, strict=True)):
-        flat = np.frombuffer(base64.b64decode(payload), dtype=np.int32)
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, TypeError, ValueError) as err:
+            raise TraceFormatError(f"from_sglang: routed_experts_b64[{i}] is not valid base64: {err}") from None
+        if len(raw) % 4:
+            raise TraceFormatError(
+                f"from_sglang: routed_experts_b64[{i}] decodes to {len(raw)} bytes, not a whole number of int32 ids"
+            )
+        flat = np.frombuffer(raw, dtype=np.int32)
         if flat.size % (num_layers * top_k):
-            raise ValueError(
+            raise TraceFormatError(
                 f"from_sglang: sequence {i} payload has {flat.size} ids, not a multiple of num_layers*top_k={num_layers * top_k}"
             )
         rows = torch.from_numpy(flat.reshape(-1, num_layers, top_k).copy())
@@ -193,6 +216,7 @@ def from_verl(
             "of per-sequence arrays (pass replay_masks there)"
         )
     else:
+        _check_batch("from_verl", "routes", routes)
         rows = [_as_tensor(arr, "from_verl") for arr in routes]
         masks = [None] * len(rows) if replay_masks is None else [_as_bool(m, "from_verl") for m in replay_masks]
         if len(masks) != len(rows):
@@ -326,6 +350,7 @@ def from_slime(rollout_routed_experts: Any, seq_lengths: Sequence[int], num_expe
 
 def from_sentinel_rows(routes: Sequence, seq_lengths: Sequence[int], num_experts: int, sentinel: int = -1) -> RoutingTrace:
     """Layouts that mark missing rows with a sentinel id (NeMo-RL: ``-1``): such rows become invalid."""
+    _check_batch("from_sentinel_rows", "routes", routes, ("seq_lengths", seq_lengths))
     parts = []
     for i, (arr, n) in enumerate(zip(routes, seq_lengths, strict=True)):
         rows = _as_tensor(arr, "from_sentinel_rows").long()
@@ -342,7 +367,9 @@ def from_layer_major(per_layer: Sequence[torch.Tensor], seq_lengths: Sequence[in
     """
     B = len(seq_lengths)
     if not per_layer:
-        raise ValueError("from_layer_major: no layers given")
+        raise TraceFormatError("from_layer_major: per_layer is empty (zero layers given)")
+    if B == 0:
+        raise TraceFormatError("from_layer_major: seq_lengths is empty (no sequences)")
     rows, k = per_layer[0].shape
     if rows % B:
         raise ValueError(f"from_layer_major: {rows} rows is not a multiple of the batch size {B}")

@@ -109,7 +109,8 @@ def routing_disagreement(trace_a: RoutingTrace, trace_b: RoutingTrace) -> dict[s
 
     Keys: ``router_disagreement`` (share of (token, layer) pairs whose top-k sets differ),
     ``token_disagreement`` (share of tokens with at least one differing layer),
-    ``mean_differing_layers``, ``num_tokens`` (rows valid in both). A thin wrapper of
+    ``mean_differing_layers``, ``num_tokens`` (rows valid in both, n) and ``num_rows`` (N); NaN
+    disagreements when n = 0. A thin wrapper of
     :meth:`RoutingTrace.agreement`.
     """
     return trace_a.agreement(trace_b).as_dict()

@@ -21,6 +21,8 @@ import copy
 from typing import Literal
 
 import torch
+
+from .errors import ConfigError
 from torch import nn
 
 __all__ = ["NUMERICS", "Numerics", "fake_quantize_fp8", "engine_copy", "add_router_noise"]
@@ -63,7 +65,7 @@ def engine_copy(model: nn.Module, numerics: str) -> nn.Module:
     The copy is independent of ``model`` (call again after each optimizer step to sync weights).
     """
     if numerics not in NUMERICS:
-        raise ValueError(f"numerics: unknown setting {numerics!r}; choose from {NUMERICS}")
+        raise ConfigError(f"numerics: unknown setting {numerics!r}; choose from {NUMERICS}")
     engine = copy.deepcopy(model).eval()
     engine.route_recorders = []
     for p in engine.parameters():
@@ -89,7 +91,7 @@ def add_router_noise(engine: nn.Module, std: float, generator: torch.Generator) 
     training–inference mismatch large enough to matter at toy scale.
     """
     if std < 0:
-        raise ValueError(f"numerics: router noise std must be >= 0, got {std}")
+        raise ConfigError(f"numerics: router noise std must be >= 0, got {std}")
     handles = []
     if std == 0:
         return handles

@@ -27,6 +27,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from .errors import AlignmentError
 from .routing import RoutingTrace
 
 __all__ = [
@@ -155,6 +156,8 @@ class ReplayRouting:
         self.trace = trace
         self.stats = ReplayStats()
         self._grid: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.positions = 0  # furthest position forwarded + 1
+        self.incremental = False  # a forward with offset > 0 ran (KV-cached decoding)
 
     def _padded(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._grid is None or self._grid[0].shape[1] < seq_len:
@@ -168,9 +171,28 @@ class ReplayRouting:
             )
         ids, valid = self._padded(offset + seq_len)
         self.stats.forwards += 1
+        self.positions = max(self.positions, offset + seq_len)
+        self.incremental |= offset > 0
         window_ids = ids[:, offset : offset + seq_len].reshape(batch * seq_len, *ids.shape[2:])
         window_valid = valid[:, offset : offset + seq_len].reshape(batch * seq_len)
         return _ReplayForward(window_ids, window_valid, top_k, self.stats)
+
+    def check_consumed(self) -> None:
+        """Raise :class:`AlignmentError` naming the first sequence with more rows than the forwards used.
+
+        A full forward over ``T`` positions routes at most ``T - 1`` rows of a sequence (its last
+        token is never forwarded by the engine that sampled it); KV-cached decoding, which never
+        forwards the last sampled token, consumes up to ``T``. More rows means rows never consumed:
+        the trace belongs to longer sequences and every row was replayed at the wrong position.
+        """
+        limit = self.positions if self.incremental else self.positions - 1
+        for i, rows in enumerate(self.trace.rows_per_seq):
+            if rows > limit:
+                raise AlignmentError(
+                    f"replay_routing: sequence {i} has {rows} trace rows but the forwards covered {self.positions} "
+                    f"positions (at most {limit} routed rows); the trace does not belong to this batch "
+                    "(pass seq_lengths to check it before the forward)"
+                )
 
 
 class RouteRecorder:
@@ -238,7 +260,9 @@ def replay_routing(
     """Replay ``trace`` in every forward of ``model`` inside the block; yields live :class:`ReplayStats`.
 
     Pass ``seq_lengths`` (tokens per sequence of the batch) to check the alignment rule up front:
-    sequence ``i`` must have ``seq_lengths[i] - 1`` rows.
+    sequence ``i`` must have ``seq_lengths[i] - 1`` rows. Without it, misaligned rows are caught when
+    the block exits: a sequence with more rows than the forwards consumed raises
+    :class:`~reference_impl.errors.AlignmentError` naming it (:meth:`ReplayRouting.check_consumed`).
 
     With ``strict`` (default), leaving the block without a single replayed forward raises: a replay
     that silently did nothing (e.g. the model was rebuilt and the forward ran on another instance)
@@ -261,3 +285,5 @@ def replay_routing(
             "replay_routing: no forward of this model ran inside the block, so nothing was replayed "
             "(was the forward run on another model instance?)"
         )
+    if ok and policy.stats.forwards:
+        policy.check_consumed()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .batch import RolloutBatch  # re-exported: its home is reference_impl.batch
 from .logprobs import next_token_logprobs, next_token_logprobs_and_entropy  # re-exported
 from .model import KVCache
@@ -45,7 +46,7 @@ class RolloutEngine:
 
     def __init__(self, *, numerics: str = "fp32", router_noise_std: float = 0.0, temperature: float = 1.0, seed: int = 0) -> None:
         if temperature <= 0:
-            raise ValueError(f"RolloutEngine: temperature must be > 0, got {temperature}")
+            raise ConfigError(f"RolloutEngine: temperature must be > 0, got {temperature}")
         self.numerics, self.router_noise_std, self.temperature = numerics, router_noise_std, temperature
         self.generator = torch.Generator().manual_seed(seed)
         self.noise_generator = torch.Generator().manual_seed(seed + 1)

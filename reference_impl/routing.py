@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import AlignmentError, TraceFormatError
+
 __all__ = [
     "RoutingTrace",
     "RoutingAgreement",
@@ -76,7 +78,8 @@ class RoutingAgreement:
     router_disagreement: share of (token, layer) pairs whose top-k *sets* differ.
     token_disagreement:  share of tokens with at least one differing layer.
     mean_differing_layers: mean number of differing layers per token.
-    num_tokens: rows compared (valid in both traces).
+    num_tokens: rows compared (valid in both traces), ``n`` of ``num_rows``.
+    num_rows: rows of each trace (``N``); with ``num_tokens == 0`` the disagreements are NaN.
     """
 
     router_disagreement: float
@@ -84,6 +87,7 @@ class RoutingAgreement:
     mean_differing_layers: float
     num_tokens: int
     per_layer: tuple[float, ...] = ()  # share of compared tokens whose top-k set differs, per layer
+    num_rows: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -91,6 +95,7 @@ class RoutingAgreement:
             "token_disagreement": self.token_disagreement,
             "mean_differing_layers": self.mean_differing_layers,
             "num_tokens": self.num_tokens,
+            "num_rows": self.num_rows,
         }
 
 
@@ -315,26 +320,40 @@ class RoutingTrace:
     def agreement(self, other: "RoutingTrace") -> RoutingAgreement:
         """Disagreement with ``other`` at the R3 paper's three levels, over rows valid in both.
 
-        Top-k order is ignored (sets are compared).
+        Top-k order is ignored (sets are compared). Traces with different ``num_experts`` or
+        sequence boundaries (``rows_per_seq``) describe different things and are refused
+        (:class:`AlignmentError`). With no row valid in both, every disagreement is NaN (not 0:
+        nothing was compared) and ``num_tokens`` is 0; ``num_rows`` is the rows of each trace.
         """
         if (self.num_tokens, self.num_layers, self.top_k) != (other.num_tokens, other.num_layers, other.top_k):
-            raise ValueError(
+            raise AlignmentError(
                 "RoutingTrace.agreement: shapes differ: "
                 f"{tuple(self.expert_ids.shape)} vs {tuple(other.expert_ids.shape)}"
             )
+        if self.num_experts != other.num_experts:
+            raise AlignmentError(
+                f"RoutingTrace.agreement: num_experts differ ({self.num_experts} vs {other.num_experts}): "
+                "the ids name different experts"
+            )
+        if self.rows_per_seq != other.rows_per_seq:
+            first = next(i for i, (a, b) in enumerate(zip(self.rows_per_seq, other.rows_per_seq)) if a != b) if self.num_sequences == other.num_sequences else None
+            where = f"sequence {first} has {self.rows_per_seq[first]} vs {other.rows_per_seq[first]} rows" if first is not None else f"{self.num_sequences} vs {other.num_sequences} sequences"
+            raise AlignmentError(f"RoutingTrace.agreement: sequence boundaries differ ({where})")
         both = self.valid & other.valid
         a = self.expert_ids[both].to(torch.int64).sort(dim=-1).values
         b = other.expert_ids[both].to(torch.int64).sort(dim=-1).values
         differs = (a != b).any(dim=-1)  # [tokens, layers]
         n = int(both.sum())
         if n == 0:
-            return RoutingAgreement(0.0, 0.0, 0.0, 0, (0.0,) * self.num_layers)
+            nan = float("nan")
+            return RoutingAgreement(nan, nan, nan, 0, (nan,) * self.num_layers, num_rows=self.num_tokens)
         return RoutingAgreement(
             router_disagreement=float(differs.float().mean()),
             token_disagreement=float(differs.any(dim=-1).float().mean()),
             mean_differing_layers=float(differs.sum(dim=-1).float().mean()),
             num_tokens=n,
             per_layer=tuple(differs.float().mean(dim=0).tolist()),
+            num_rows=self.num_tokens,
         )
     # --8<-- [end:agreement]
 
@@ -355,26 +374,43 @@ class RoutingTrace:
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str = "") -> "RoutingTrace":
-        """Rebuild (and fully validate) a trace from :meth:`to_tensors` output."""
+        """Rebuild (and fully validate) a trace from :meth:`to_tensors` output.
+
+        Raises :class:`TraceFormatError` naming what is wrong (version, a missing tensor, a tensor's
+        dtype or rank, unparsable metadata, ids or rows that do not form a trace).
+        """
         if meta.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"RoutingTrace.load: unsupported trace version {meta.get('version')!r}")
+            raise TraceFormatError(f"RoutingTrace.load: unsupported trace version {meta.get('version')!r}")
         names = [prefix + n for n in ("expert_ids", "rows_per_seq", "invalid_rows")]
         missing = [n for n in names if n not in tensors]
         if missing or prefix + "num_experts" not in meta:
-            raise ValueError(f"RoutingTrace.load: file lacks {missing or [prefix + 'num_experts']}")
+            raise TraceFormatError(f"RoutingTrace.load: file lacks {missing or [prefix + 'num_experts']}")
         ids, rows_per_seq, invalid_rows = (tensors[n] for n in names)
-        num_experts = int(meta[prefix + "num_experts"])
-        if ids.dtype != compact_dtype(num_experts):
-            raise ValueError(
-                f"RoutingTrace.load: expert_ids stored as {ids.dtype}, expected {compact_dtype(num_experts)} "
-                f"for num_experts={num_experts}"
-            )
+        raw = meta[prefix + "num_experts"]
+        try:
+            num_experts = int(raw)
+            dtype = compact_dtype(num_experts)
+        except ValueError:
+            raise TraceFormatError(
+                f"RoutingTrace.load: metadata {prefix}num_experts={raw!r} is not an expert count in 1..{MAX_NUM_EXPERTS}"
+            ) from None
+        for name, t, rank, want in ((names[0], ids, 3, dtype), (names[1], rows_per_seq, 1, torch.int64), (names[2], invalid_rows, 1, torch.int64)):
+            if t.dtype != want:
+                raise TraceFormatError(
+                    f"RoutingTrace.load: {name} stored as {t.dtype}, expected {want}"
+                    + (f" for num_experts={num_experts}" if name == names[0] else "")
+                )
+            if t.dim() != rank:
+                raise TraceFormatError(f"RoutingTrace.load: {name} has rank {t.dim()} (shape {tuple(t.shape)}), expected rank {rank}")
         valid = torch.ones(ids.shape[0], dtype=torch.bool)
         if invalid_rows.numel():
             if int(invalid_rows.min()) < 0 or int(invalid_rows.max()) >= ids.shape[0]:
-                raise ValueError("RoutingTrace.load: invalid_rows holds an index outside the trace")
+                raise TraceFormatError("RoutingTrace.load: invalid_rows holds an index outside the trace")
             valid[invalid_rows] = False
-        return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+        try:
+            return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+        except (TypeError, ValueError) as err:
+            raise TraceFormatError(f"RoutingTrace.load: {err}") from None
 
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
         """Write the trace with safetensors (never pickle), layout of :meth:`to_tensors`."""
@@ -392,7 +428,10 @@ class RoutingTrace:
         """Like :meth:`load`, also returning the user metadata stored with the trace."""
         tensors, meta = read_safetensors(path, _FORMAT_NAME)
         user_meta = {k: v for k, v in meta.items() if k not in ("format", "version", "num_experts")}
-        return RoutingTrace.from_tensors(tensors, meta), user_meta
+        try:
+            return RoutingTrace.from_tensors(tensors, meta), user_meta
+        except TraceFormatError as err:
+            raise TraceFormatError(f"{os.fspath(path)!r}: {err}") from None
 
 
 def _merge_metadata(meta: dict[str, str], extra: dict[str, str] | None) -> dict[str, str]:
@@ -407,14 +446,32 @@ def _merge_metadata(meta: dict[str, str], extra: dict[str, str] | None) -> dict[
 
 
 def read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file whose ``format`` metadata is ``expected_format``."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != expected_format:
-            raise ValueError(
-                f"load: {os.fspath(path)!r} is not a {expected_format} file (format={meta.get('format')!r})"
-            )
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    """All tensors and the metadata of a safetensors file whose ``format`` metadata is ``expected_format``.
+
+    Any file that cannot be read as such (missing, a directory, empty, truncated, not safetensors,
+    another format) raises :class:`TraceFormatError` naming the file and what is wrong.
+    """
+    name = repr(os.fspath(path))
+    if not os.path.exists(path):
+        raise TraceFormatError(f"load: {name} does not exist")
+    if os.path.isdir(path):
+        raise TraceFormatError(f"load: {name} is a directory, not a {expected_format} file")
+    if os.path.getsize(path) == 0:
+        raise TraceFormatError(f"load: {name} is empty")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != expected_format:
+                raise TraceFormatError(
+                    f"load: {name} is not a {expected_format} file (format={meta.get('format')!r})"
+                )
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except TraceFormatError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the parser says, the file is not a valid safetensors file
+        raise TraceFormatError(
+            f"load: {name} is not a readable safetensors file (truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from None
 
 
 def _check_ids(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> None:

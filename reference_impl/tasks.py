@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 __all__ = ["PAD", "BOS", "SEP", "EOS", "VOCAB_SIZE", "DigitTask", "make_task", "TASKS", "cold_start"]
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
@@ -79,7 +81,7 @@ TASKS = {"sort": DigitTask("sort"), "reverse": DigitTask("reverse")}
 
 def make_task(name: str, num_digits: int = 5) -> DigitTask:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return DigitTask(name, num_digits)
 
 

@@ -24,7 +24,9 @@ statistics, routing flip rate between π_θold's and π_θ's routes in each upda
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,7 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .checkpoint import save_hf_checkpoint
+from . import run_dir as RD
+from .checkpoint import load_hf_checkpoint
+from .errors import ConfigError
+from .numerics import NUMERICS
 from .model import MoEConfig, MoEForCausalLM
 from .advantages import group_advantages
 from .batch import RolloutBatch
@@ -42,7 +47,7 @@ from .objectives import OBJECTIVES
 from .replay import record_routing, replay_routing
 from .rollout import RolloutEngine
 from .routing import RoutingTrace
-from .tasks import EOS, PAD, VOCAB_SIZE, cold_start, make_task
+from .tasks import EOS, PAD, TASKS, VOCAB_SIZE, cold_start, make_task
 
 __all__ = ["TrainConfig", "Trainer", "REPLAY_MODES", "plot_history"]
 
@@ -83,19 +88,49 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.replay not in REPLAY_MODES:
-            raise ValueError(f"TrainConfig: replay must be one of {REPLAY_MODES}, got {self.replay!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"TrainConfig: unknown objective {self.objective!r}; choose from {sorted(OBJECTIVES)}")
-        if self.objective in NEEDS_EXTRA_INPUTS:
-            raise ValueError(f"TrainConfig: objective {self.objective!r} {NEEDS_EXTRA_INPUTS[self.objective]}")
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"TrainConfig: {message}")
+
+        need(self.task in TASKS, f"unknown task {self.task!r}; choose from {sorted(TASKS)}")
+        need(self.replay in REPLAY_MODES, f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
+        need(self.numerics in NUMERICS, f"unknown numerics {self.numerics!r}; choose from {NUMERICS}")
+        need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose from {sorted(OBJECTIVES)}")
+        need(self.objective not in NEEDS_EXTRA_INPUTS, f"objective {self.objective!r} {NEEDS_EXTRA_INPUTS.get(self.objective)}")
+        for name in ("steps", "num_prompts", "group_size", "num_minibatches", "num_digits"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        for name in ("cold_start_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        for name in ("grad_clip", "lr", "temperature", "cold_start_lr"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("router_noise_std", "router_init_std"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
+        need(isinstance(self.objective_kwargs, dict), f"objective_kwargs must be a dict, got {type(self.objective_kwargs).__name__}")
+        _check_objective_kwargs(self.objective, self.objective_kwargs)
         n = self.num_prompts * self.group_size
-        if self.num_minibatches < 1 or n % self.num_minibatches:
-            raise ValueError(
-                f"TrainConfig: num_minibatches={self.num_minibatches} must divide the "
-                f"{n} responses (num_prompts={self.num_prompts} x group_size={self.group_size})"
-            )
+        need(
+            n % self.num_minibatches == 0,
+            f"num_minibatches={self.num_minibatches} must divide the "
+            f"{n} responses (num_prompts={self.num_prompts} x group_size={self.group_size})",
+        )
+
 # --8<-- [end:train-config]
+
+
+def _check_objective_kwargs(objective: str, kwargs: dict) -> None:
+    """Refuse ``objective_kwargs`` the objective's signature does not take (before any cold start)."""
+    params = inspect.signature(OBJECTIVES[objective]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    # the trainer passes the first five arguments (logp, old_logp, rollout_logp, advantages, mask)
+    accepted = [name for name, p in list(params.items())[5:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"TrainConfig: objective {objective!r} takes no argument(s) {unknown}; it accepts {accepted}")
 
 
 class Trainer:
@@ -119,6 +154,7 @@ class Trainer:
         self.objective = OBJECTIVES[cfg.objective]
         self.history: list[dict] = []
         self.step = 0
+        self._run_prepared = False
 
     # ------------------------------------------------------------------ phases
     def rollout(self) -> tuple[RolloutBatch, torch.Tensor]:
@@ -232,23 +268,44 @@ class Trainer:
         return record
 
     def train(self) -> list[dict]:
+        """Run the remaining steps; with ``out_dir``, log each step durably and checkpoint (see :mod:`.run_dir`)."""
         cfg = self.config
-        bar = tqdm(range(cfg.steps), desc=f"{cfg.objective}/{cfg.replay}", disable=not cfg.progress)
+        if cfg.out_dir and not self._run_prepared:
+            RD.prepare_run_dir(cfg.out_dir, asdict(cfg))  # refuses a dir that holds a run; fails before step 1
+            self._run_prepared = True
+        bar = tqdm(range(self.step, cfg.steps), desc=f"{cfg.objective}/{cfg.replay}", disable=not cfg.progress)
         for _ in bar:
             rec = self.train_step()
             bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl_k3']:.1e}")
-            if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
+            if cfg.out_dir:
+                RD.append_metrics(cfg.out_dir, rec)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                RD.kill_point_after_step(self.step)  # test-only hook (no-op unless its env var is set)
         if cfg.out_dir:
             self.save()
         return self.history
 
+    @classmethod
+    def resume(cls, run_dir: str | Path, *, steps: int | None = None, progress: bool | None = None) -> "Trainer":
+        """Continue the run in ``run_dir`` from its last complete checkpoint (``steps`` may extend it)."""
+        saved, ckpt = RD.resume_point(run_dir)
+        overrides = {k: v for k, v in {"steps": steps, "progress": progress}.items() if v is not None}
+        try:
+            config = TrainConfig(**{**saved, **overrides, "out_dir": str(run_dir)})
+        except TypeError as err:
+            raise ConfigError(f"train --resume: {run_dir}/config.json does not match TrainConfig: {err}") from None
+        trainer = cls(config, model=load_hf_checkpoint(ckpt))
+        RD.restore(trainer, run_dir, ckpt)
+        if config.steps < trainer.step:
+            raise ConfigError(f"train --resume: steps={config.steps} is before the checkpoint's step {trainer.step}")
+        trainer._run_prepared = True
+        return trainer
+
     # --------------------------------------------------------------- artifacts
     def save_checkpoint(self) -> Path:
-        path = Path(self.config.out_dir) / "checkpoints" / f"step_{self.step:05d}"
-        save_hf_checkpoint(self.model, path)
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-        return path
+        """Atomic checkpoint of model, optimizer, step and every RNG state (:func:`.run_dir.save_checkpoint`)."""
+        return RD.save_checkpoint(self.config.out_dir, self)
 
     def save(self) -> Path:
         out = Path(self.config.out_dir)

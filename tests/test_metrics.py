@@ -114,7 +114,7 @@ def test_routing_flip_rate_and_disagreement_accept_traces():
     b = RoutingTrace(new, num_experts=16, valid=torch.tensor([True, True, False]))
     assert routing_flip_rate(a, b) == pytest.approx(1.5 / 4)
     d = routing_disagreement(a, b)
-    assert d == {"router_disagreement": 0.5, "token_disagreement": 1.0, "mean_differing_layers": 1.0, "num_tokens": 2}
+    assert d == {"router_disagreement": 0.5, "token_disagreement": 1.0, "mean_differing_layers": 1.0, "num_tokens": 2, "num_rows": 3}
     with pytest.raises(TypeError, match="two RoutingTrace"):
         routing_flip_rate(a, new)
 
