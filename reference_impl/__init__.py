@@ -17,8 +17,10 @@ Two journeys, one import:
 **The RL side** — what goes into and comes out of an update.
 
 * :class:`RolloutBatch` (the format every engine hands the trainer), :func:`next_token_logprobs`;
-* objectives by name (:data:`OBJECTIVES`, :func:`compute_loss`) and as functions
-  (:func:`minirl_loss` and its relatives), :func:`group_advantages`;
+* objectives by name (:data:`OBJECTIVES`, :func:`compute_loss`; the inputs each declares in
+  :data:`OBJECTIVE_SPECS`, :func:`register_objective` for your own) and as functions
+  (:func:`minirl_loss` and its relatives), :func:`group_advantages`; their building blocks: the
+  named aggregations (:data:`AGGREGATIONS`, :func:`aggregate`) and :func:`rollout_correction_weight`;
 * mismatch and routing metrics: :func:`mismatch_metrics`, :func:`kl_k1`, :func:`kl_k3`,
   :func:`extreme_token_fraction`, :func:`routing_disagreement`, :func:`routing_flip_rate`;
 * :func:`compare_batch`, :class:`ComparisonReport`: recompute a batch with another engine and report
@@ -56,7 +58,12 @@ from .metrics import (
 )
 from .model import MoEConfig, MoEForCausalLM
 from .objectives import (
+    AGGREGATIONS,
+    OBJECTIVE_SPECS,
     OBJECTIVES,
+    aggregate,
+    register_objective,
+    rollout_correction_weight,
     cispo_loss,
     compute_loss,
     dapo_loss,
@@ -102,7 +109,12 @@ __all__ = [
     "RolloutBatch",
     "next_token_logprobs",
     "OBJECTIVES",
+    "OBJECTIVE_SPECS",
+    "register_objective",
     "compute_loss",
+    "AGGREGATIONS",
+    "aggregate",
+    "rollout_correction_weight",
     "minirl_loss",
     "grpo_loss",
     "dr_grpo_loss",

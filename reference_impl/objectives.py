@@ -42,7 +42,8 @@ Conventions shared by all functions (checked by :func:`validate_batch`):
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -50,6 +51,14 @@ from .advantages import group_advantages  # noqa: F401  (re-exported: old import
 from .validation import POSITIVE_LOGP_TOLERANCE, Batch, masked_sum, validate_batch  # noqa: F401  (re-exported)
 
 __all__ = [
+    "AGGREGATIONS",
+    "aggregate",
+    "INPUTS",
+    "ObjectiveSpec",
+    "OBJECTIVE_SPECS",
+    "register_objective",
+    "RolloutCorrection",
+    "rollout_correction_weight",
     "clip_mask",
     "sequence_level_objective",
     "token_level_objective",
@@ -75,16 +84,117 @@ _RSPO_EPS_HIGH = math.exp(0.4) - 1.0
 
 
 
-# --8<-- [start:aggregate]
-def _aggregate(per_token: torch.Tensor, b: Batch, *, per_response_mean: bool, denominator) -> torch.Tensor:
-    """Σ_i c_i Σ_t x_{i,t} / denominator, with c_i = 1/|y_i| if ``per_response_mean`` else 1.
+# ---------------------------------------------------------------------------------------------
+# Registry: every objective declares the inputs it needs
+# ---------------------------------------------------------------------------------------------
+Objective = Callable[..., "tuple[torch.Tensor, dict[str, float]]"]
 
-    Empty responses contribute 0 (their token sum is 0; the 1/|y_i| uses max(|y_i|, 1)).
+# --8<-- [start:objectives-registry]
+#: Every input an objective may ask for, and what it is (the reason a caller that cannot compute it
+#: gives when it refuses the objective).
+INPUTS: dict[str, str] = {
+    "logp": "log π_θ(y_t) [n, T] of the policy being optimized, with gradient",
+    "old_logp": "log π_θold(y_t) [n, T], the trainer's recompute before the updates",
+    "rollout_logp": "log μ_θold(y_t) [n, T], the inference engine's log-probs of the sampled tokens",
+    "advantages": "Â [n] per response (or [n, T] where the objective allows it)",
+    "mask": "the response mask [n, T]",
+    "router_shift": "the per-token router shift Δ_t [n, T]: objectives.router_shift over π_θold's and "
+    "π_θ's per-layer router log-probs at the experts π_θold selected",
+    "ref_logp": "log π_ref(y_t) [n, T] of a frozen reference policy (GRPO's KL term, kl_coef > 0)",
+}
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A registered objective: its function and the inputs it needs (names of :data:`INPUTS`)."""
+
+    name: str
+    fn: Objective
+    requires: tuple[str, ...]  # it cannot run without these
+    optional: tuple[str, ...]  # used when given (statistics, optional terms)
+
+    def missing(self, available) -> dict[str, str]:
+        """The required inputs not in ``available``, each with what it is."""
+        return {k: INPUTS[k] for k in self.requires if k not in available}
+
+
+#: Every objective by name; all share the call ``f(logp, old_logp, rollout_logp, advantages, mask, **options)``.
+OBJECTIVES: dict[str, Objective] = {}
+#: The same objectives with the inputs they declare.
+OBJECTIVE_SPECS: dict[str, ObjectiveSpec] = {}
+
+_NEEDS = ("logp", "old_logp", "advantages", "mask")  # what every objective reads
+_NEEDS_MU = _NEEDS + ("rollout_logp",)  # ... plus μ, for the training–inference corrections
+
+
+def register_objective(name: str, *, requires: tuple[str, ...] = _NEEDS, optional: tuple[str, ...] = ("rollout_logp",)):
+    """Decorator: register ``fn`` under ``name`` with the inputs it ``requires`` and those it uses if ``optional``."""
+
+    def decorator(fn: Objective) -> Objective:
+        if name in OBJECTIVES:
+            raise ValueError(f"register_objective: {name!r} is already registered")
+        unknown = [k for k in (*requires, *optional) if k not in INPUTS]
+        if unknown:
+            raise ValueError(f"register_objective: {name!r} declares unknown inputs {unknown}; known: {list(INPUTS)}")
+        OBJECTIVE_SPECS[name] = ObjectiveSpec(name, fn, tuple(requires), tuple(optional))
+        OBJECTIVES[name] = fn
+        return fn
+
+    return decorator
+# --8<-- [end:objectives-registry]
+
+
+# --8<-- [start:aggregate]
+#: Named ways to turn per-token terms x_{i,t} into one number, all Σ_i c_i Σ_t x_{i,t} / D; the first
+#: four carry verl's ``loss_agg_mode`` names, the last is MiniRL's sum over responses ÷ n.
+AGGREGATIONS: dict[str, str] = {
+    "token-mean": "Σ_i Σ_t x / Σ_i |y_i|",
+    "seq-mean-token-mean": "(1/n) Σ_i (1/|y_i|) Σ_t x",
+    "seq-mean-token-sum": "(1/n) Σ_i Σ_t x",
+    "seq-mean-token-sum-norm": "(1/n) Σ_i Σ_t x / L,  L a constant (default T, the padded width)",
+    "token-sum-norm": "Σ_i Σ_t x / N,  N a constant (default n, the number of responses)",
+}
+#: the modes whose divisor is a constant the caller may choose (``constant=``)
+_CONSTANT_MODES = ("seq-mean-token-sum-norm", "token-sum-norm")
+
+
+def _aggregate(per_token: torch.Tensor, b: Batch, mode: str, constant: float | None = None) -> torch.Tensor:
+    """Aggregate ``per_token`` ``[n, T]`` as ``mode`` (see :data:`AGGREGATIONS`) over a validated batch.
+
+    Empty responses contribute 0 (their token sum is 0; 1/|y_i| uses max(|y_i|, 1)) and still count in n.
     """
-    row = masked_sum(per_token, b.mask, dim=1)
-    if per_response_mean:
-        row = row / b.lengths.clamp(min=1)
-    return row.sum() / denominator
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"aggregate: unknown mode {mode!r}; choose one of {list(AGGREGATIONS)}")
+    if constant is not None and mode not in _CONSTANT_MODES:
+        raise ValueError(f"aggregate: mode {mode!r} takes no constant (only {list(_CONSTANT_MODES)} do)")
+    token_sum = masked_sum(per_token, b.mask, dim=1)  # Σ_t x_{i,t}, [n]
+    if mode == "token-mean":
+        return token_sum.sum() / b.num_tokens
+    if mode == "seq-mean-token-mean":
+        return (token_sum / b.lengths.clamp(min=1)).sum() / b.num_responses
+    if mode == "seq-mean-token-sum":
+        return token_sum.sum() / b.num_responses
+    if mode == "seq-mean-token-sum-norm":
+        max_len = b.mask.shape[1] if constant is None else constant
+        return token_sum.sum() / (b.num_responses * max_len)
+    return token_sum.sum() / (b.num_responses if constant is None else constant)  # token-sum-norm
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, *, constant: float | None = None) -> torch.Tensor:
+    """Σ_i c_i Σ_t x_{i,t} / D for one of the named modes of :data:`AGGREGATIONS`.
+
+    ``constant`` is L of ``seq-mean-token-sum-norm`` (Dr. GRPO's generation budget, verl's
+    ``loss_scale_factor``) or N of ``token-sum-norm`` (MiniRL's normalizer); any constant only
+    rescales the learning rate. ``mask`` ``[n, T]`` is validated as every objective's is.
+    """
+    if constant is not None and not constant > 0:
+        raise ValueError(f"aggregate: constant must be > 0, got {constant!r}")
+    if not isinstance(per_token, torch.Tensor) or per_token.shape != mask.shape:
+        raise ValueError(
+            f"aggregate: per_token has shape {tuple(getattr(per_token, 'shape', ()))} but mask has shape "
+            f"{tuple(mask.shape)}; both must be [n, T]"
+        )
+    return _aggregate(per_token, validate_batch("aggregate", mask), mode, constant)
 # --8<-- [end:aggregate]
 
 
@@ -148,6 +258,69 @@ def _check_eps(fn: str, **eps: float | None) -> None:
             raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
 
 
+# --8<-- [start:rollout-correction-weight]
+class RolloutCorrection(NamedTuple):
+    """What :func:`rollout_correction_weight` returns (all ``[n, T]``, without gradient)."""
+
+    weight: torch.Tensor  # w_t, the factor the objective multiplies its token term by
+    ratio: torch.Tensor  # ρ_t before correction (ρ(y_i) on every token of y_i at sequence level)
+    flagged: torch.Tensor  # bool: tokens whose weight was truncated (truncate) or removed (mask)
+
+
+@torch.no_grad()
+def rollout_correction_weight(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    level: str = "token",
+    mode: str = "truncate",
+    cap: float | None = None,
+    band: tuple[float, float] | None = None,
+) -> RolloutCorrection:
+    """The rollout-correction weight of an importance ratio; TIS, MIS and IcePop are settings of it.
+
+        ρ_t = exp(log_ratio_t)                          level="token"
+        ρ_t = ρ(y_i) = exp(Σ_t' log_ratio_{i,t'})        level="sequence" (the same ρ on every token of y_i)
+        w_t = min(ρ_t, C)          mode="truncate", cap=C        (TIS: MiniRL's, Seq-TIS)
+        w_t = ρ_t · 1[ρ_t ≤ C]     mode="mask", cap=C            (Seq-MIS)
+        w_t = ρ_t · 1[α ≤ ρ_t ≤ β]  mode="mask", band=(α, β)      (IcePop's M(k))
+        w_t = clip(ρ_t, α, β)      mode="truncate", band=(α, β)
+        w_t = ρ_t                  no cap and no band
+
+    An overflowing sequence ratio (ρ = inf) is truncated to C or masked, never NaN.
+
+    Args:
+        log_ratio: ``[n, T]`` log of the token ratio (e.g. log π_θold − log μ_θold); 0 or anything at padding.
+        mask: ``[n, T]`` bool response mask.
+        level, mode, cap, band: see above (``cap`` and ``band`` are exclusive).
+    """
+    fn = "rollout_correction_weight"
+    if level not in ("token", "sequence"):
+        raise ValueError(f"{fn}: level must be 'token' or 'sequence', got {level!r}")
+    if mode not in ("truncate", "mask"):
+        raise ValueError(f"{fn}: mode must be 'truncate' or 'mask', got {mode!r}")
+    if cap is not None and band is not None:
+        raise ValueError(f"{fn}: give a cap or a band, not both")
+    if cap is not None and not cap > 0:
+        raise ValueError(f"{fn}: the cap C must be > 0, got {cap!r}")
+    if band is not None and not 0 <= band[0] <= band[1]:
+        raise ValueError(f"{fn}: need 0 <= alpha <= beta, got band={band!r}")
+    mask = mask.to(torch.bool)
+    if level == "sequence":
+        log_ratio = masked_sum(log_ratio, mask, dim=1)[:, None].expand_as(log_ratio)  # log ρ(y_i) per token
+    ratio = torch.exp(log_ratio)
+    low, high = (None, cap) if band is None else band
+    if high is None:  # no correction
+        return RolloutCorrection(ratio, ratio, torch.zeros_like(mask))
+    outside = ratio > high if low is None else (ratio < low) | (ratio > high)
+    if mode == "truncate":
+        weight = ratio.clamp(min=low, max=high)
+    else:
+        weight = torch.where(outside, torch.zeros_like(ratio), ratio)
+    return RolloutCorrection(weight, ratio, outside & mask)
+# --8<-- [end:rollout-correction-weight]
+
+
 # ---------------------------------------------------------------------------------------------
 # The two estimators of the first-order approximation
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +358,7 @@ def token_level_objective(
     """
     b = validate_batch("token_level_objective", mask, rewards, logp=logp, rollout_logp=rollout_logp)
     per_token = torch.exp(b["logp"] - b["rollout_logp"]) * b.advantages
-    return _aggregate(per_token, b, per_response_mean=False, denominator=b.num_responses)
+    return _aggregate(per_token, b, "seq-mean-token-sum")
 # --8<-- [end:token-level-objective]
 
 
@@ -193,6 +366,7 @@ def token_level_objective(
 # MiniRL
 # ---------------------------------------------------------------------------------------------
 # --8<-- [start:minirl]
+@register_objective("minirl", requires=_NEEDS_MU, optional=())
 def minirl_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -214,7 +388,8 @@ def minirl_loss(
 
     * w_t = π_θ(y_t)/μ_θold(y_t) = exp(logp − rollout_logp), the token-level IS weight, which Eq. 5
       factors into π_θold/μ_θold (training–inference discrepancy) × π_θ/π_θold (policy staleness).
-    * TIS (truncation, cap C = ``tis_cap``), ``tis_mode``:
+    * TIS (truncation, cap C = ``tis_cap``; :func:`rollout_correction_weight` at token level,
+      mode truncate), ``tis_mode``:
 
       - ``"token_weight"`` (default; the paper's wording, TIS "applied to the token-level IS
         weights"): sg[min(π_θ/μ_θold, C)];
@@ -225,7 +400,7 @@ def minirl_loss(
     * M_t: decoupled clipping with π_θold as the proximal policy, r_t = π_θ/π_θold:
       M_t = 0 if Â > 0 and r_t > 1 + ε_high; 0 if Â < 0 and r_t < 1 − ε_low; else 1.
     * No length normalization: the token sum over all responses is divided by ``normalizer``,
-      default **n, the number of responses in the batch**. The paper does not say which constant
+      default **n, the number of responses in the batch** (aggregation ``"token-sum-norm"``). The paper does not say which constant
       it uses; any constant only rescales the learning rate.
 
     Ablations (the paper's on-policy ablations):
@@ -268,24 +443,22 @@ def minirl_loss(
         raise ValueError(f"{fn}: normalizer must be > 0, got {normalizer!r}")
     lp, adv = b["logp"], b.advantages
     with torch.no_grad():
-        ratio = torch.exp(lp - b["old_logp"])  # r_t, policy staleness
-        train_infer_ratio = torch.exp(b["old_logp"] - b["rollout_logp"])
-        if not train_infer_is:
-            raw = ratio
-            weight = ratio
-            truncated = torch.zeros_like(b.mask)
-        elif tis_mode == "token_weight":
-            raw = torch.exp(lp - b["rollout_logp"])  # π_θ/μ_θold
-            weight = raw if tis_cap is None else raw.clamp(max=tis_cap)
-            truncated = raw > tis_cap if tis_cap is not None else torch.zeros_like(b.mask)
-        else:  # discrepancy
-            raw = train_infer_ratio * ratio
-            capped = train_infer_ratio if tis_cap is None else train_infer_ratio.clamp(max=tis_cap)
-            weight = capped * ratio
-            truncated = train_infer_ratio > tis_cap if tis_cap is not None else torch.zeros_like(b.mask)
-        keep = clip_mask(ratio, adv, eps_low, eps_high)
+        ratio = torch.exp(lp - b["old_logp"])  # r_t = π_θ/π_θold, policy staleness
+        if not train_infer_is:  # w_t = sg[r_t]
+            weight, raw, truncated = rollout_correction_weight(lp - b["old_logp"], b.mask)
+        elif tis_mode == "token_weight":  # w_t = sg[min(π_θ/μ_θold, C)]
+            weight, raw, truncated = rollout_correction_weight(lp - b["rollout_logp"], b.mask, cap=tis_cap)
+        else:  # w_t = sg[min(π_θold/μ_θold, C) · r_t]
+            discrepancy = rollout_correction_weight(b["old_logp"] - b["rollout_logp"], b.mask, cap=tis_cap)
+            weight, raw, truncated = discrepancy.weight * ratio, discrepancy.ratio * ratio, discrepancy.flagged
+        keep = clip_mask(ratio, adv, eps_low, eps_high)  # M_t
     per_token = keep * weight * adv * lp
-    objective = _aggregate(per_token, b, per_response_mean=length_norm, denominator=normalizer)
+    if not length_norm:  # (1/N) Σ_i Σ_t
+        objective = _aggregate(per_token, b, "token-sum-norm", normalizer)
+    else:  # (1/N) Σ_i (1/|y_i|) Σ_t = (n/N) · seq-mean-token-mean
+        objective = _aggregate(per_token, b, "seq-mean-token-mean")
+        if normalizer != b.num_responses:
+            objective = objective * (b.num_responses / normalizer)
     stats = _base_stats(b, clip_removed=~keep, masked=None, weight_values=raw[b.mask])
     stats["tis_fraction"] = _fraction(truncated, b.mask)
     return -objective, stats
@@ -301,22 +474,23 @@ def _clipped_surrogate(
     *,
     eps_low: float,
     eps_high: float,
-    per_response_mean: bool,
-    denominator,
+    agg: str,
+    constant: float | None = None,
     is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Σ sg[is_weight] · min(r Â, clip(r) Â) aggregated; returns (objective, kept-by-clip, ratio)."""
+    """sg[is_weight] · min(r Â, clip(r) Â) aggregated as ``agg``; returns (objective, kept-by-clip, ratio)."""
     ratio = torch.exp(b["logp"] - b["old_logp"])
     per_token = _ppo_term(ratio, b.advantages, eps_low, eps_high)
     if is_weight is not None:
         per_token = is_weight.detach() * per_token
     keep = clip_mask(ratio.detach(), b.advantages, eps_low, eps_high)
-    objective = _aggregate(per_token, b, per_response_mean=per_response_mean, denominator=denominator)
+    objective = _aggregate(per_token, b, agg, constant)
     return objective, keep, ratio.detach()
 # --8<-- [end:clipped-surrogate]
 
 
 # --8<-- [start:grpo]
+@register_objective("grpo", optional=("rollout_logp", "ref_logp"))
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -351,16 +525,14 @@ def grpo_loss(
     b = validate_batch(
         fn, mask, advantages, logp=logp, old_logp=old_logp, rollout_logp=rollout_logp, ref_logp=ref_logp
     )
-    objective, keep, ratio = _clipped_surrogate(
-        b, eps_low=eps, eps_high=eps, per_response_mean=True, denominator=b.num_responses
-    )
+    objective, keep, ratio = _clipped_surrogate(b, eps_low=eps, eps_high=eps, agg="seq-mean-token-mean")
     kl_mean = None
     if ref_logp is not None:
         log_ref_ratio = b["ref_logp"].detach() - b["logp"]
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
         kl_mean = float(masked_sum(kl.detach(), b.mask) / b.num_tokens)
         if kl_coef > 0:
-            objective = objective - kl_coef * _aggregate(kl, b, per_response_mean=True, denominator=b.num_responses)
+            objective = objective - kl_coef * _aggregate(kl, b, "seq-mean-token-mean")
     stats = _base_stats(b, clip_removed=~keep, masked=None, weight_values=ratio[b.mask])
     if kl_mean is not None:
         stats["kl_ref"] = kl_mean
@@ -369,6 +541,7 @@ def grpo_loss(
 
 
 # --8<-- [start:dr-grpo]
+@register_objective("dr_grpo")
 def dr_grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -400,13 +573,14 @@ def dr_grpo_loss(
     if not max_len > 0:
         raise ValueError(f"{fn}: max_len must be > 0, got {max_len!r}")
     objective, keep, ratio = _clipped_surrogate(
-        b, eps_low=eps, eps_high=eps, per_response_mean=False, denominator=b.num_responses * max_len
+        b, eps_low=eps, eps_high=eps, agg="seq-mean-token-sum-norm", constant=max_len
     )
     return -objective, _base_stats(b, clip_removed=~keep, masked=None, weight_values=ratio[b.mask])
 # --8<-- [end:dr-grpo]
 
 
 # --8<-- [start:dapo]
+@register_objective("dapo")
 def dapo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -435,14 +609,13 @@ def dapo_loss(
     fn = "dapo_loss"
     _check_eps(fn, eps_low=eps_low, eps_high=eps_high)
     b = validate_batch(fn, mask, advantages, logp=logp, old_logp=old_logp, rollout_logp=rollout_logp)
-    objective, keep, ratio = _clipped_surrogate(
-        b, eps_low=eps_low, eps_high=eps_high, per_response_mean=False, denominator=b.num_tokens
-    )
+    objective, keep, ratio = _clipped_surrogate(b, eps_low=eps_low, eps_high=eps_high, agg="token-mean")
     return -objective, _base_stats(b, clip_removed=~keep, masked=None, weight_values=ratio[b.mask])
 # --8<-- [end:dapo]
 
 
 # --8<-- [start:icepop]
+@register_objective("icepop", requires=_NEEDS_MU, optional=())
 def icepop_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -477,13 +650,11 @@ def icepop_loss(
     if not 0 <= alpha <= beta:
         raise ValueError(f"{fn}: need 0 <= alpha <= beta, got alpha={alpha!r}, beta={beta!r}")
     b = validate_batch(fn, mask, advantages, logp=logp, old_logp=old_logp, rollout_logp=rollout_logp)
-    k = torch.exp(b["old_logp"] - b["rollout_logp"]).detach()
-    outside = (k < alpha) | (k > beta)
-    m = torch.where(outside, torch.zeros_like(k), k)
+    m = rollout_correction_weight(b["old_logp"] - b["rollout_logp"], b.mask, mode="mask", band=(alpha, beta))  # M(k_t)
     objective, keep, _ = _clipped_surrogate(
-        b, eps_low=eps_low, eps_high=eps_high, per_response_mean=True, denominator=b.num_responses, is_weight=m
+        b, eps_low=eps_low, eps_high=eps_high, agg="seq-mean-token-mean", is_weight=m.weight
     )
-    stats = _base_stats(b, clip_removed=~keep & ~outside, masked=outside, weight_values=k[b.mask])
+    stats = _base_stats(b, clip_removed=~keep & ~m.flagged, masked=m.flagged, weight_values=m.ratio[b.mask])
     return -objective, stats
 # --8<-- [end:icepop]
 
@@ -503,40 +674,31 @@ def _rollout_correction(
     eps_low: float,
     eps_high: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Shared body of :func:`seq_tis_loss` (truncate) and :func:`seq_mis_loss` (mask)."""
+    """Shared body of :func:`seq_tis_loss` (truncate) and :func:`seq_mis_loss` (mask): PPO term × sg[w],
+    w from :func:`rollout_correction_weight` of log π_θold − log μ_θold, token-mean aggregation."""
     _check_eps(fn, eps_low=eps_low, eps_high=eps_high)
     if level not in ("sequence", "token"):
         raise ValueError(f"{fn}: level must be 'sequence' or 'token', got {level!r}")
     if not cap > 0:
         raise ValueError(f"{fn}: the cap C must be > 0, got {cap!r}")
     b = validate_batch(fn, mask, advantages, logp=logp, old_logp=old_logp, rollout_logp=rollout_logp)
-    log_rho = (b["old_logp"] - b["rollout_logp"]).detach()
-    if level == "sequence":
-        log_rho = masked_sum(log_rho, b.mask, dim=1)[:, None].expand_as(log_rho)  # log ρ(y), per token
-    log_cap = math.log(cap)
-    over = log_rho > log_cap
-    if truncate:
-        weight = torch.exp(log_rho.clamp(max=log_cap))  # min(ρ, C) without overflowing exp
-        masked = None
-    else:
-        weight = torch.where(over, torch.zeros_like(log_rho), torch.exp(log_rho.clamp(max=log_cap)))
-        masked = over
-    objective, keep, _ = _clipped_surrogate(
-        b, eps_low=eps_low, eps_high=eps_high, per_response_mean=False, denominator=b.num_tokens, is_weight=weight
+    rho = rollout_correction_weight(
+        b["old_logp"] - b["rollout_logp"], b.mask, level=level, mode="truncate" if truncate else "mask", cap=cap
     )
-    if level == "sequence":
-        nonempty = b.lengths > 0
-        values = torch.exp(log_rho[:, 0][nonempty])
-    else:
-        values = torch.exp(log_rho[b.mask])
+    objective, keep, _ = _clipped_surrogate(
+        b, eps_low=eps_low, eps_high=eps_high, agg="token-mean", is_weight=rho.weight
+    )
+    values = rho.ratio[:, 0][b.lengths > 0] if level == "sequence" else rho.ratio[b.mask]
+    masked = None if truncate else rho.flagged
     clip_removed = ~keep if masked is None else ~keep & ~masked
     stats = _base_stats(b, clip_removed=clip_removed, masked=masked, weight_values=values)
-    stats["tis_fraction" if truncate else "mis_fraction"] = _fraction(over, b.mask)
+    stats["tis_fraction" if truncate else "mis_fraction"] = _fraction(rho.flagged, b.mask)
     return -objective, stats
 # --8<-- [end:rollout-correction]
 
 
 # --8<-- [start:seq-tis]
+@register_objective("seq_tis", requires=_NEEDS_MU, optional=())
 def seq_tis_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -577,6 +739,7 @@ def seq_tis_loss(
 
 
 # --8<-- [start:seq-mis]
+@register_objective("seq_mis", requires=_NEEDS_MU, optional=())
 def seq_mis_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -616,6 +779,7 @@ def seq_mis_loss(
 # CISPO
 # ---------------------------------------------------------------------------------------------
 # --8<-- [start:cispo]
+@register_objective("cispo")
 def cispo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -656,7 +820,7 @@ def cispo_loss(
         clipped = ratio > 1.0 + eps_high
         if low is not None:
             clipped |= ratio < low
-    objective = _aggregate(weight * b.advantages * b["logp"], b, per_response_mean=False, denominator=b.num_tokens)
+    objective = _aggregate(weight * b.advantages * b["logp"], b, "token-mean")
     stats = _base_stats(b, clip_removed=torch.zeros_like(b.mask), masked=None, weight_values=ratio[b.mask])
     stats["weight_clip_fraction"] = _fraction(clipped, b.mask)
     return -objective, stats
@@ -667,6 +831,7 @@ def cispo_loss(
 # GSPO, GSPO-token, RSPO-style router-shift weighting
 # ---------------------------------------------------------------------------------------------
 # --8<-- [start:gspo]
+@register_objective("gspo")
 def gspo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -711,6 +876,7 @@ def gspo_loss(
 
 
 # --8<-- [start:gspo-token]
+@register_objective("gspo_token")
 def gspo_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -745,7 +911,7 @@ def gspo_token_loss(
     s_seq = torch.exp(_sequence_mean(lp - b["old_logp"], b)).detach()
     s_tok = s_seq[:, None] * torch.exp(lp - lp.detach())
     per_token = _ppo_term(s_tok, b.advantages, eps_low, eps_high)
-    objective = _aggregate(per_token, b, per_response_mean=True, denominator=b.num_responses)
+    objective = _aggregate(per_token, b, "seq-mean-token-mean")
     keep = clip_mask(s_tok.detach(), b.advantages, eps_low, eps_high)
     stats = _base_stats(b, clip_removed=~keep, masked=None, weight_values=s_seq[b.lengths > 0])
     return -objective, stats
@@ -795,6 +961,7 @@ def router_shift(
 
 
 # --8<-- [start:rspo]
+@register_objective("rspo", requires=_NEEDS + ("router_shift",))
 def rspo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -866,29 +1033,6 @@ def rspo_loss(
     stats["gamma_floor_fraction"] = _fraction(gamma < gamma_min, b.mask)
     return -objective, stats
 # --8<-- [end:rspo]
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-Objective = Callable[..., "tuple[torch.Tensor, dict[str, float]]"]
-
-# --8<-- [start:objectives-registry]
-#: Every objective by name; all share the call ``f(logp, old_logp, rollout_logp, advantages, mask, **options)``.
-OBJECTIVES: dict[str, Objective] = {
-    "minirl": minirl_loss,
-    "grpo": grpo_loss,
-    "dr_grpo": dr_grpo_loss,
-    "dapo": dapo_loss,
-    "cispo": cispo_loss,
-    "gspo": gspo_loss,
-    "gspo_token": gspo_token_loss,
-    "rspo": rspo_loss,
-    "icepop": icepop_loss,
-    "seq_tis": seq_tis_loss,
-    "seq_mis": seq_mis_loss,
-}
-# --8<-- [end:objectives-registry]
 
 
 def compute_loss(

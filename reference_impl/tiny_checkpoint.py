@@ -71,8 +71,9 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Write a loadable checkpoint directory for ``model`` (or a fresh seeded one from ``config``)."""
     if model is None:
-        torch.manual_seed(seed)
-        model = MoEForCausalLM(config or MoEConfig())
+        with torch.random.fork_rng(devices=[]):  # seeded init without reseeding the caller's RNG
+            torch.manual_seed(seed)
+            model = MoEForCausalLM(config or MoEConfig())
     path = save_hf_checkpoint(model, path, dtype=dtype)
     cfg = json.loads((path / "config.json").read_text())
     cfg.update({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD})

@@ -19,7 +19,13 @@ native π_θ on the first mini-batch (θ = θ_old) and differs from it on later 
 
 Metrics per step: reward, KL(μ_old‖π_old) (k1, k3), extreme-token fraction F(2), routing
 disagreement engine vs trainer (as used, and with native trainer routing), entropy, objective
-statistics, routing flip rate between π_θold's and π_θ's routes in each update.
+statistics, routing flip rate between π_θold's and π_θ's routes in each update. With
+``TrainConfig.native_probe`` also, per mini-batch, what replay hides (one extra no-grad forward of
+π_θ with native routing): the stale flip (native π_θ vs native π_θold routes) and the replay gap
+(replayed routes vs native π_θ routes), in routes and in log-probs.
+
+The step's data (tokens, log-probs, mask, route grids) is laid out once on padded grids
+(:class:`StepGrid`); each mini-batch indexes it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
@@ -43,20 +50,21 @@ from .model import MoEConfig, MoEForCausalLM
 from .advantages import group_advantages
 from .batch import RolloutBatch
 from .logprobs import next_token_logprobs, next_token_logprobs_and_entropy
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVE_SPECS, OBJECTIVES, router_shift
 from .replay import record_routing, replay_routing
 from .rollout import RolloutEngine
 from .routing import RoutingTrace
 from .tasks import EOS, PAD, TASKS, VOCAB_SIZE, cold_start, make_task
+from .validation import masked_mean, masked_sum
 
-__all__ = ["TrainConfig", "Trainer", "REPLAY_MODES", "plot_history"]
+__all__ = ["TrainConfig", "Trainer", "StepGrid", "REPLAY_MODES", "TRAINER_INPUTS", "plot_history"]
 
 REPLAY_MODES = ("none", "r2", "r3")
-#: objectives this trainer cannot feed, and why (call them directly instead)
-NEEDS_EXTRA_INPUTS = {
-    "rspo": "needs per-token router shifts (objectives.router_shift over per-layer router log-probs), "
-    "which this trainer does not compute; call objectives.rspo_loss directly",
-}
+#: the objective inputs (names of objectives.INPUTS) this trainer computes; it refuses objectives
+#: that require any other, with the reason the objective declares
+TRAINER_INPUTS = ("logp", "old_logp", "rollout_logp", "advantages", "mask", "router_shift")
+#: what the native probe (``TrainConfig.native_probe``) logs per mini-batch, under ``update/<name>``
+PROBE_METRICS = ("stale_route_flip", "stale_logp_gap", "replay_route_gap", "replay_logp_gap")
 
 
 # --8<-- [start:train-config]
@@ -86,6 +94,7 @@ class TrainConfig:
     out_dir: str | None = None
     checkpoint_every: int = 0  # 0 = only at the end (when out_dir is set)
     progress: bool = True
+    native_probe: bool = False  # one extra no-grad native forward per mini-batch: stale flip, replay gap
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -96,7 +105,13 @@ class TrainConfig:
         need(self.replay in REPLAY_MODES, f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
         need(self.numerics in NUMERICS, f"unknown numerics {self.numerics!r}; choose from {NUMERICS}")
         need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose from {sorted(OBJECTIVES)}")
-        need(self.objective not in NEEDS_EXTRA_INPUTS, f"objective {self.objective!r} {NEEDS_EXTRA_INPUTS.get(self.objective)}")
+        missing = OBJECTIVE_SPECS[self.objective].missing(TRAINER_INPUTS)
+        need(
+            not missing,
+            f"objective {self.objective!r} needs inputs this trainer does not compute ("
+            + "; ".join(f"{k}: {why}" for k, why in missing.items())
+            + "); call the objective directly",
+        )
         for name in ("steps", "num_prompts", "group_size", "num_minibatches", "num_digits"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
@@ -133,15 +148,108 @@ def _check_objective_kwargs(objective: str, kwargs: dict) -> None:
         raise ConfigError(f"TrainConfig: objective {objective!r} takes no argument(s) {unknown}; it accepts {accepted}")
 
 
+@dataclass
+class MiniBatch:
+    """The rows ``idx`` of a :class:`StepGrid`, trimmed to their longest sequence (``W`` tokens)."""
+
+    idx: torch.Tensor  # [b] rows of the step's batch
+    tokens: torch.Tensor  # [b, W]
+    lengths: list[int]  # tokens per sequence
+    mask: torch.Tensor  # [b, W-1]
+    rollout_logp: torch.Tensor  # [b, W-1] log μ_θold
+    old_logp: torch.Tensor  # [b, W-1] log π_θold (as recomputed: replaying e^μ_old under R3)
+    advantages: torch.Tensor  # [b]
+    rollout_trace: RoutingTrace  # e^μ_old, the engine's routes
+    old_trace: RoutingTrace  # e^π_old, the recompute's routes
+    old_route_ids: torch.Tensor  # [b, W-1, L, k] the same as a grid
+    native_old_logp: torch.Tensor | None = None  # [b, W-1] log π_θold with native routing
+    native_old_trace: RoutingTrace | None = None  # π_θold's native routes
+
+
+@dataclass
+class StepGrid:
+    """One step's batch laid out once on padded grids; :meth:`rows` indexes a mini-batch from it.
+
+    Column ``t`` of the ``[n, S-1]`` tensors scores ``tokens[:, t+1]``; a route grid is
+    ``(ids [n, S, L, k], valid [n, S])`` (position ``t`` routes input token ``t``; the last position
+    of each sequence and the padding are invalid), as :meth:`RoutingTrace.to_padded` lays it out.
+    """
+
+    tokens: torch.Tensor
+    seq_lengths: torch.Tensor
+    mask: torch.Tensor
+    rollout_logp: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    rollout_routes: tuple[torch.Tensor, torch.Tensor]
+    old_routes: tuple[torch.Tensor, torch.Tensor]
+    num_experts: int
+    native_old_logp: torch.Tensor | None = None
+    native_old_routes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def build(
+        batch: RolloutBatch,
+        old_logp: torch.Tensor,
+        old_trace: RoutingTrace,
+        advantages: torch.Tensor,
+        native_old: tuple[torch.Tensor, RoutingTrace] | None = None,
+    ) -> "StepGrid":
+        width = batch.tokens.shape[1]
+        return StepGrid(
+            tokens=batch.tokens,
+            seq_lengths=batch.seq_lengths,
+            mask=batch.mask,
+            rollout_logp=batch.rollout_logp,
+            old_logp=old_logp,
+            advantages=advantages,
+            rollout_routes=batch.rollout_trace.to_padded(width),
+            old_routes=old_trace.to_padded(width),
+            num_experts=old_trace.num_experts,
+            native_old_logp=None if native_old is None else native_old[0],
+            native_old_routes=None if native_old is None else native_old[1].to_padded(width),
+        )
+
+    def _trace(self, grid: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, width: int, lengths) -> RoutingTrace:
+        ids, valid = grid
+        return RoutingTrace.from_padded(ids[idx, :width], lengths, self.num_experts, valid[idx, :width])
+
+    def rows(self, idx: torch.Tensor) -> MiniBatch:
+        width = int(self.seq_lengths[idx].max())
+        lengths = self.seq_lengths[idx].tolist()
+        native = self.native_old_routes
+        return MiniBatch(
+            idx=idx,
+            tokens=self.tokens[idx, :width],
+            lengths=lengths,
+            mask=self.mask[idx, : width - 1],
+            rollout_logp=self.rollout_logp[idx, : width - 1],
+            old_logp=self.old_logp[idx, : width - 1],
+            advantages=self.advantages[idx],
+            rollout_trace=self._trace(self.rollout_routes, idx, width, lengths),
+            old_trace=self._trace(self.old_routes, idx, width, lengths),
+            old_route_ids=self.old_routes[0][idx, : width - 1],
+            native_old_logp=None if self.native_old_logp is None else self.native_old_logp[idx, : width - 1],
+            native_old_trace=None if native is None else self._trace(native, idx, width, lengths),
+        )
+
+
+def _router_logp(out, batch: int, seq_len: int) -> torch.Tensor:
+    """Per-layer router log-probabilities ``[batch, seq_len, L, E]`` (fp32, no graph) of a forward."""
+    logits = torch.stack([r.detach() for r in out.router_logits], dim=1)  # [batch*seq_len, L, E]
+    return torch.log_softmax(logits.float(), dim=-1).view(batch, seq_len, *logits.shape[1:])
+
+
 class Trainer:
     """Runs :class:`TrainConfig`; ``history`` holds one metrics dict per global step."""
 
     def __init__(self, config: TrainConfig, model: MoEForCausalLM | None = None) -> None:
         self.config = cfg = config
-        torch.manual_seed(cfg.seed)
         self.task = make_task(cfg.task, cfg.num_digits)
         if model is None:
-            model = MoEForCausalLM(MoEConfig(vocab_size=VOCAB_SIZE, router_initializer_range=cfg.router_init_std))
+            with torch.random.fork_rng(devices=[]):  # seeded init without reseeding the caller's RNG
+                torch.manual_seed(cfg.seed)
+                model = MoEForCausalLM(MoEConfig(vocab_size=VOCAB_SIZE, router_initializer_range=cfg.router_init_std))
             if cfg.cold_start_steps:
                 cold_start(model, self.task, steps=cfg.cold_start_steps, lr=cfg.cold_start_lr, seed=cfg.seed)
         self.model = model
@@ -152,6 +260,9 @@ class Trainer:
         self.prompt_generator = torch.Generator().manual_seed(cfg.seed + 1000)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2000)
         self.objective = OBJECTIVES[cfg.objective]
+        spec = OBJECTIVE_SPECS[cfg.objective]
+        #: the inputs beyond the five common ones this objective asks for and this trainer computes
+        self.extra_inputs = [k for k in (*spec.requires, *spec.optional) if k == "router_shift"]
         self.history: list[dict] = []
         self.step = 0
         self._run_prepared = False
@@ -183,10 +294,14 @@ class Trainer:
     # --8<-- [end:recompute-old]
 
     @torch.no_grad()
+    def native_old(self, batch: RolloutBatch) -> tuple[torch.Tensor, RoutingTrace]:
+        """π_θold's log-probs and routes with native routing (the recompute's own under none and R2)."""
+        out = self.model(batch.tokens)
+        logp = next_token_logprobs(out.logits, batch.tokens, self.config.temperature)
+        return logp, RoutingTrace.from_padded(out.routes, batch.seq_lengths.tolist(), self.model.config.num_experts)
+
     def native_routes(self, batch: RolloutBatch) -> RoutingTrace:
-        with record_routing(self.model) as rec:
-            self.model(batch.tokens)
-        return rec.trace(batch.seq_lengths.tolist())
+        return self.native_old(batch)[1]
 
     # --8<-- [start:routing-context]
     def _routing(self, trace: RoutingTrace | None, seq_lengths):
@@ -200,37 +315,97 @@ class Trainer:
         perm = torch.randperm(n, generator=self.shuffle_generator)
         return list(perm.chunk(self.config.num_minibatches))
 
-    def update(self, batch: RolloutBatch, old_logp, old_trace: RoutingTrace, advantages) -> list[dict]:
-        """One optimizer step per mini-batch; returns per-mini-batch statistics."""
+    @torch.no_grad()
+    def _old_router_logp(self, grid: StepGrid, old_trace: RoutingTrace) -> torch.Tensor:
+        """π_θold's router log-probs ``[n, S, L, E]``: a forward replaying the recompute's own routes."""
+        with self._routing(old_trace, grid.seq_lengths.tolist()):
+            out = self.model(grid.tokens, output_router_logits=True)
+        return _router_logp(out, *grid.tokens.shape)
+
+    # --8<-- [start:native-probe]
+    @torch.no_grad()
+    def _native_probe(self, mb: MiniBatch, replayed: RoutingTrace | None, logp: torch.Tensor, probe) -> dict:
+        """What replay hides, for one mini-batch (issue: "log what replay hides").
+
+        ``probe`` = (log-probs, routes) of π_θ routed natively, before this mini-batch's step:
+
+        * stale flip: native π_θ routes vs native π_θold routes (share of (token, layer) top-k sets
+          that differ), whatever the replay mode; ``stale_logp_gap``: mean |Δ log π| per response token;
+        * replay gap: the routes this update replays vs native π_θ routes (0 under no replay);
+          ``replay_logp_gap``: mean |log π_θ(replayed) − log π_θ(native)| per response token.
+        """
+        native_logp, native_trace = probe
+        mask = mb.mask.bool()
+        out = {
+            "stale_route_flip": native_trace.agreement(mb.native_old_trace).router_disagreement,
+            "stale_logp_gap": masked_mean((native_logp - mb.native_old_logp).abs(), mask),
+            "replay_route_gap": 0.0,
+            "replay_logp_gap": 0.0,
+        }
+        if replayed is not None:
+            out["replay_route_gap"] = replayed.agreement(native_trace).router_disagreement
+            out["replay_logp_gap"] = masked_mean((logp.detach() - native_logp).abs(), mask)
+        return out
+    # --8<-- [end:native-probe]
+
+    def update(
+        self,
+        batch: RolloutBatch,
+        old_logp,
+        old_trace: RoutingTrace,
+        advantages,
+        native_old: tuple[torch.Tensor, RoutingTrace] | None = None,
+    ) -> list[dict]:
+        """One optimizer step per mini-batch; returns per-mini-batch statistics.
+
+        ``native_old`` (π_θold's native log-probs and routes) feeds the native probe; by default the
+        recompute's own under none and R2, and one native forward under R3.
+        """
         cfg = self.config
         self.model.train()
+        if cfg.native_probe and native_old is None:
+            native_old = (old_logp, old_trace) if cfg.replay != "r3" else self.native_old(batch)
+        grid = StepGrid.build(batch, old_logp, old_trace, advantages, native_old if cfg.native_probe else None)
+        old_router_logp = self._old_router_logp(grid, old_trace) if "router_shift" in self.extra_inputs else None
         stats_per_mb = []
         # --8<-- [start:update-replay]
-        old_parts = old_trace.split()
         for idx in self.minibatches(batch.num_sequences):
-            sub = batch.select(idx)
-            sub_old_trace = RoutingTrace.concatenate(old_parts[i] for i in idx.tolist())
-            replayed = {"none": None, "r2": sub_old_trace, "r3": sub.rollout_trace}[cfg.replay]
-            lengths = sub.seq_lengths.tolist()
-            with record_routing(self.model) as rec, self._routing(replayed, lengths):
-                logits = self.model(sub.tokens).logits
-            logp = next_token_logprobs(logits, sub.tokens, cfg.temperature)
+            mb = grid.rows(idx)
+            probe = self._native_forward(mb) if cfg.native_probe else None  # π_θ before this step, native
+            replayed = {"none": None, "r2": mb.old_trace, "r3": mb.rollout_trace}[cfg.replay]
+            with record_routing(self.model) as rec, self._routing(replayed, mb.lengths):
+                out = self.model(mb.tokens, output_router_logits=old_router_logp is not None)
+            logp = next_token_logprobs(out.logits, mb.tokens, cfg.temperature)
+            extra = {}
+            if old_router_logp is not None:  # RSPO's Δ_t at the experts π_θold selected
+                width = logp.shape[1]
+                new_router_logp = _router_logp(out, *mb.tokens.shape)[:, :width]
+                extra["router_shift"] = router_shift(old_router_logp[idx, :width], new_router_logp, mb.old_route_ids)
             loss, stats = self.objective(
-                logp, old_logp[idx, : logp.shape[1]], sub.rollout_logp, advantages[idx], sub.mask, **cfg.objective_kwargs
+                logp, mb.old_logp, mb.rollout_logp, mb.advantages, mb.mask, **extra, **cfg.objective_kwargs
             )
             # --8<-- [end:update-replay]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            current = rec.trace(lengths)
+            current = rec.trace(mb.lengths)
             stats = dict(stats)
             stats["loss"] = float(loss.detach())
             stats["grad_norm"] = float(grad_norm)
-            stats["routing_flip_rate"] = M.routing_flip_rate(sub_old_trace.expert_ids.long(), current.expert_ids.long())
-            stats["routing_vs_rollout"] = current.agreement(sub.rollout_trace).router_disagreement
+            stats["routing_flip_rate"] = M.routing_flip_rate(mb.old_trace.expert_ids.long(), current.expert_ids.long())
+            stats["routing_vs_rollout"] = current.agreement(mb.rollout_trace).router_disagreement
+            if probe is not None:
+                stats.update(self._native_probe(mb, replayed, logp, probe))
             stats_per_mb.append(stats)
         return stats_per_mb
+
+    @torch.no_grad()
+    def _native_forward(self, mb: MiniBatch) -> tuple[torch.Tensor, RoutingTrace]:
+        """The native probe's forward: π_θ's log-probs and routes with native routing (no grad)."""
+        out = self.model(mb.tokens)
+        logp = next_token_logprobs(out.logits, mb.tokens, self.config.temperature)
+        return logp, RoutingTrace.from_padded(out.routes, mb.lengths, self.model.config.num_experts)
 
     # -------------------------------------------------------------------- loop
     def train_step(self) -> dict:
@@ -240,20 +415,19 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
         advantages = group_advantages(rewards, batch.group_ids, normalize_std=cfg.advantage_std_norm)
         old_logp, old_trace, entropy = self.recompute_old(batch)
-        native_trace = old_trace if cfg.replay != "r3" else self.native_routes(batch)
-        mb_stats = self.update(batch, old_logp, old_trace, advantages)
+        native_old = (old_logp, old_trace) if cfg.replay != "r3" else self.native_old(batch)
+        native_trace = native_old[1]
+        mb_stats = self.update(batch, old_logp, old_trace, advantages, native_old)
         mask = batch.mask
         record = {
             "step": self.step,
             "reward": float(rewards.mean()),
             "response_length": float(batch.response_lengths.float().mean()),
-            "kl_k1": M.kl_k1(batch.rollout_logp, old_logp, mask),
-            "kl_k3": M.kl_k3(batch.rollout_logp, old_logp, mask),
-            "extreme_token_fraction": M.extreme_token_fraction(batch.rollout_logp, old_logp, mask, tau=2.0),
+            **M.mismatch_metrics(batch.rollout_logp, old_logp, mask, tau=2.0),
             "routing_disagreement": batch.rollout_trace.agreement(old_trace).router_disagreement,
             "native_routing_disagreement": batch.rollout_trace.agreement(native_trace).router_disagreement,
             "native_token_disagreement": batch.rollout_trace.agreement(native_trace).token_disagreement,
-            "entropy": float((entropy * mask).sum() / mask.sum()),
+            "entropy": float(masked_sum(entropy, mask.bool()) / mask.sum()),  # NaN-safe: padding never enters
             "seconds_rollout": t_rollout,
             "seconds_step": time.perf_counter() - t0,
         }
@@ -263,6 +437,8 @@ class Trainer:
                 record[f"update/{key}"] = sum(values) / len(values)
         # later mini-batches are where R2/R3 and staleness differ
         record["update/routing_flip_rate_last"] = mb_stats[-1]["routing_flip_rate"]
+        if cfg.native_probe:  # one value per mini-batch, in update order
+            record["by_minibatch"] = {key: [s[key] for s in mb_stats] for key in PROBE_METRICS}
         self.history.append(record)
         self.step += 1
         return record
@@ -319,12 +495,10 @@ class Trainer:
 
 def plot_history(histories: dict[str, list[dict]], path, keys: tuple[str, ...] = ("reward", "kl_k3", "extreme_token_fraction", "entropy")) -> None:
     """One panel per metric, one line per run; saved to ``path`` (PNG)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    fig = Figure(figsize=(4 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
         for label, hist in histories.items():
             ax.plot([h["step"] for h in hist], [h.get(key, float("nan")) for h in hist], label=label)
@@ -335,4 +509,3 @@ def plot_history(histories: dict[str, list[dict]], path, keys: tuple[str, ...] =
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -636,3 +636,74 @@ def test_group_advantages_validate_lengths():
         group_advantages(torch.zeros(4), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="NaN/inf"):
         group_advantages(torch.tensor([1.0, float("nan")]), [0, 0])
+
+
+# ----------------------------------------------------- aggregation modes, correction weight, declared inputs
+def test_aggregation_modes_match_their_formulas():
+    from reference_impl.objectives import AGGREGATIONS, aggregate
+
+    batch = make_batch(3)
+    x, mask = batch["logp"], batch["mask"]
+    rows = [[v for v, m in zip(xr, mr) if m] for xr, mr in zip(x.tolist(), mask.tolist())]
+    n, num_tokens, width = len(rows), sum(len(r) for r in rows), mask.shape[1]
+    expected = {
+        "token-mean": sum(map(sum, rows)) / num_tokens,
+        "seq-mean-token-mean": sum(sum(r) / len(r) for r in rows if r) / n,
+        "seq-mean-token-sum": sum(map(sum, rows)) / n,
+        "seq-mean-token-sum-norm": sum(map(sum, rows)) / (n * width),
+        "token-sum-norm": sum(map(sum, rows)) / n,
+    }
+    assert set(AGGREGATIONS) == set(expected)
+    for mode, value in expected.items():
+        assert float(aggregate(x, mask, mode)) == pytest.approx(value, rel=1e-12), mode
+    assert float(aggregate(x, mask, "token-sum-norm", constant=2.5)) == pytest.approx(sum(map(sum, rows)) / 2.5)
+    assert float(aggregate(x, mask, "seq-mean-token-sum-norm", constant=64)) == pytest.approx(
+        sum(map(sum, rows)) / (n * 64))
+    with pytest.raises(ValueError, match="unknown mode 'mean'"):
+        aggregate(x, mask, "mean")
+    with pytest.raises(ValueError, match="takes no constant"):
+        aggregate(x, mask, "token-mean", constant=3.0)
+
+
+def test_rollout_correction_weight_is_tis_mis_and_icepop():
+    from reference_impl.objectives import rollout_correction_weight
+
+    batch = make_batch(4, mismatch=1.0)
+    mask = batch["mask"].bool()
+    log_rho = batch["old_logp"] - batch["rollout_logp"]
+    rho = torch.exp(log_rho)
+    tis = rollout_correction_weight(log_rho, mask, cap=2.0)
+    assert torch.equal(tis.weight, rho.clamp(max=2.0)) and torch.equal(tis.flagged, (rho > 2.0) & mask)
+    mis = rollout_correction_weight(log_rho, mask, mode="mask", cap=2.0)
+    assert torch.equal(mis.weight, torch.where(rho > 2.0, 0.0, rho).to(rho.dtype))
+    ice = rollout_correction_weight(log_rho, mask, mode="mask", band=(0.5, 5.0))
+    outside = (rho < 0.5) | (rho > 5.0)
+    assert outside.any() and torch.equal(ice.weight, torch.where(outside, 0.0, rho).to(rho.dtype))
+    seq = rollout_correction_weight(log_rho, mask, level="sequence", cap=2.0)
+    seq_rho = torch.exp((log_rho * batch["mask"]).sum(1))
+    torch.testing.assert_close(seq.ratio[:, 0], seq_rho)
+    assert torch.equal(seq.weight[:, 0], seq.ratio[:, 0].clamp(max=2.0))
+    huge = rollout_correction_weight(torch.full((1, 3), 400.0, dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool),
+                                     level="sequence", cap=2.0)
+    assert (huge.weight == 2.0).all()  # an overflowing ratio is truncated, not NaN
+    none = rollout_correction_weight(log_rho, mask)
+    assert torch.equal(none.weight, rho) and not none.flagged.any()
+    with pytest.raises(ValueError, match="a cap or a band, not both"):
+        rollout_correction_weight(log_rho, mask, cap=2.0, band=(0.5, 5.0))
+
+
+def test_objectives_declare_the_inputs_they_need():
+    from reference_impl.objectives import INPUTS, OBJECTIVE_SPECS, register_objective
+
+    assert set(OBJECTIVE_SPECS) == set(OBJECTIVES)
+    assert OBJECTIVE_SPECS["rspo"].missing(("logp", "old_logp", "advantages", "mask")) == {
+        "router_shift": INPUTS["router_shift"]}
+    for name in ("minirl", "icepop", "seq_tis", "seq_mis"):
+        assert "rollout_logp" in OBJECTIVE_SPECS[name].requires, name
+    for name in ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "gspo_token"):
+        assert OBJECTIVE_SPECS[name].missing(("logp", "old_logp", "advantages", "mask")) == {}, name
+    assert "ref_logp" in OBJECTIVE_SPECS["grpo"].optional
+    with pytest.raises(ValueError, match="'minirl' is already registered"):
+        register_objective("minirl")(minirl_loss)
+    with pytest.raises(ValueError, match="unknown inputs"):
+        register_objective("x", requires=("logp", "values"))(minirl_loss)
