@@ -22,7 +22,7 @@ from .megatron import _REF_CONFIG_ATTR
 
 __all__ = [
     "init_megatron_cpu", "megatron_config", "megatron_state_dict", "build_megatron_model", "load_megatron_model",
-    "ShardSpec", "shard_specs", "shard_tensor", "unshard_tensors", "shard_state_dict",
+    "ShardSpec", "shard_specs", "shard_tensor", "unshard_tensors", "shard_state_dict", "gather_full_grads",
 ]
 
 
@@ -315,3 +315,36 @@ def shard_state_dict(full: dict[str, torch.Tensor], model) -> dict[str, torch.Te
     if missing:
         raise ValueError(f"shard_state_dict: the full state dict has no {missing[:5]}")
     return {local: shard_tensor(full[spec.name], spec) for local, spec in specs.items()}
+
+
+def gather_full_grads(model, full_shapes: dict[str, torch.Size], group=None) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient at full (one-process) shape, on every rank (collective over ``group``).
+
+    Each rank writes its shard of each gradient where the shard sits in the full tensor
+    (:func:`unshard_tensors` with zeros for the other shards) and one all-reduce sums over ranks:
+    shards land side by side, and copies of a replicated parameter add up. Summing copies is the
+    full gradient when every copy holds a partial one (data, context and sequence parallelism;
+    megatron's DDP and ``finalize_model_grads`` reduce exactly these), which holds here because no
+    gradient reduction has run yet. Missing gradients count as zero.
+    """
+    import torch.distributed as dist
+
+    names = sorted(full_shapes)
+    offsets, total = {}, 0
+    for n in names:
+        offsets[n] = total
+        total += int(torch.Size(full_shapes[n]).numel())
+    flat = torch.zeros(total, dtype=torch.float32)
+    for local, spec in shard_specs(model).items():
+        if spec.name not in offsets:
+            raise ValueError(f"gather_full_grads: {spec.name} (local {local}) is not in the full model")
+        param = dict(model.named_parameters())[local]
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        shards = [torch.zeros_like(grad) for _ in range(spec.count)]
+        shards[spec.index] = grad.detach().float()
+        full = unshard_tensors(shards, spec)
+        o = offsets[spec.name]
+        flat[o : o + full.numel()] += full.reshape(-1)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    return {n: flat[offsets[n] : offsets[n] + torch.Size(full_shapes[n]).numel()].view(full_shapes[n]) for n in names}
