@@ -105,3 +105,17 @@ def test_layouts_are_validated():
         ParallelLayout(tp=2, tp_rank=2)
     with pytest.raises(ConfigError, match="cannot be split into 2"):
         batch_rows(ParallelLayout(dp=2), 3, 0)
+
+
+def test_shards_of_a_gated_fc1_are_gate_and_up_halves_and_unshard_inverts_them():
+    from reference_impl.integrations.megatron_cpu import ShardSpec, shard_tensor, unshard_tensors
+
+    full = torch.arange(8.0)[:, None].expand(8, 3)  # rows 0..3 = gate, 4..7 = up
+    specs = [ShardSpec("w", i, 2, 0, gated=True) for i in range(2)]
+    shards = [shard_tensor(full, s) for s in specs]
+    assert shards[0][:, 0].tolist() == [0, 1, 4, 5] and shards[1][:, 0].tolist() == [2, 3, 6, 7]
+    assert torch.equal(unshard_tensors(shards, specs[0]), full)
+    plain = [ShardSpec("w", i, 2, 1) for i in range(2)]
+    assert torch.equal(unshard_tensors([shard_tensor(full, s) for s in plain], plain[0]), full)
+    with pytest.raises(ValueError, match="needs 2 shards"):
+        unshard_tensors(shards[:1], specs[0])
