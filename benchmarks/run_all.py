@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SCRIPTS = ["replay_overhead.py", "logprob_memory.py", "megatron_replay.py", "megatron_parallel_replay.py", "rollout_throughput.py", "vllm_capture.py", "mismatch_table.py"]
+SCRIPTS = ["replay_overhead.py", "logprob_memory.py", "megatron_replay.py", "megatron_parallel_parity.py", "megatron_parallel_replay.py", "rollout_throughput.py", "vllm_capture.py", "mismatch_table.py"]
 
 
 def run_benchmarks() -> None:

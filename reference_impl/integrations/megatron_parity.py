@@ -272,8 +272,10 @@ def run_parity(name: str, model, ref: ParityReference, *, num_microbatches: int 
     from .megatron import MegatronReplay
 
     B, S = ref.tokens.shape
-    layout = ParallelLayout.from_megatron(model.config, num_microbatches)
-    rep = MegatronReplay(model)
+    # --8<-- [start:setup]
+    layout = ParallelLayout.from_megatron(model.config, num_microbatches)  # sizes and ranks from parallel_state
+    rep = MegatronReplay(model)  # sizes from model.config; this stage's MoE routers only
+    # --8<-- [end:setup]
     lm = rep.sizes.layer_map
     out: dict = {"layout": name, "ranks": {k: getattr(layout, k) for k in ("dp", "pp", "cp", "tp", "sequence_parallel")},
                  "ep": model.config.expert_model_parallel_size, "num_microbatches": num_microbatches,
@@ -299,15 +301,20 @@ def run_parity(name: str, model, ref: ParityReference, *, num_microbatches: int 
             rep.replay_backward = lambda: None  # the bug: routers stay on REPLAY_FORWARD for the recompute
         try:
             t0 = time.perf_counter()
+            # --8<-- [start:replay_step]
+            # every rank: the GLOBAL trace, this rank's layout; megatron's schedule runs the micro-batches
             with rep.replay_forward(ref.grad_trace, layout=layout, slicer=slicer):
                 lp = _gather_logprobs(_step(model, ref, layout, forward_only=False), B, S)
+            # --8<-- [end:replay_step]
             seconds = time.perf_counter() - t0
         finally:
             rep.__dict__.pop("replay_backward", None)
         r = {"logprobs_max_diff": _max_diff(lp, ref.grad_logprobs, ref.mask),
              "routes_equal_trace": _routes_equal_trace(rep, ref.grad_trace, ref.lengths, S, lm)}
         try:
-            rep.check_drained()
+            # --8<-- [start:drained]
+            rep.check_drained()  # every router's recompute FIFO is empty after the step (names the layer otherwise)
+            # --8<-- [end:drained]
             r["queues_empty"], r["queue_error"] = True, ""
         except RuntimeError as e:
             r["queues_empty"], r["queue_error"] = False, str(e)
