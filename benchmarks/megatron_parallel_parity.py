@@ -3,8 +3,8 @@
     python benchmarks/megatron_parallel_parity.py            # run (about 40 s), then render
     python benchmarks/megatron_parallel_parity.py --table    # only re-render from the committed JSON
 
-Runs tests/engines/megatron_parallel_ranks.py (the CI test's runner: torch and megatron imported
-once, 2 forked gloo ranks per layout) into ``benchmarks/results/megatron_parallel_parity.json`` and
+Runs ``python -m reference_impl.integrations.megatron_parity`` (the CI test's runner: torch and
+megatron imported once, 2 forked gloo ranks per layout) into ``benchmarks/results/megatron_parallel_parity.json`` and
 renders ``benchmarks/results/megatron_parallel_parity.md`` from it, so the page shows only measured numbers.
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     if not args.table:
-        subprocess.run([sys.executable, str(ROOT / "tests" / "engines" / "megatron_parallel_ranks.py"), str(JSON)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "reference_impl.integrations.megatron_parity", str(JSON)], check=True, cwd=ROOT)
     table = render(json.loads(JSON.read_text()))
     (RESULTS / "megatron_parallel_parity.md").write_text(table)
     print(table)

@@ -61,10 +61,10 @@ def rank_bench(name: str, ref_model, ref, repeats: int, tmp: str, rank: int, por
             t0 = time.perf_counter()
             cm = ctx()
             if cm is None:
-                mp._step(model, ref, layout, forward_only=False)
+                mp.schedule_step(model, ref, layout, forward_only=False)
             else:
                 with cm:
-                    mp._step(model, ref, layout, forward_only=False)
+                    mp.schedule_step(model, ref, layout, forward_only=False)
             elapsed = torch.tensor(time.perf_counter() - t0)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             rep.check_drained()

@@ -180,7 +180,7 @@ def _microbatches(ref: ParityReference, layout: ParallelLayout) -> list[dict]:
     return out
 
 
-def _step(model, ref: ParityReference, layout: ParallelLayout, *, forward_only: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def schedule_step(model, ref: ParityReference, layout: ParallelLayout, *, forward_only: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One step of megatron's schedule over the micro-batches; returns this rank's log-prob pieces."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -283,13 +283,13 @@ def run_parity(name: str, model, ref: ParityReference, *, num_microbatches: int 
 
     # native + R2 RECORD
     with torch.no_grad(), rep.record(layout) as rec:
-        lp = _gather_logprobs(_step(model, ref, layout, forward_only=True), B, S)
+        lp = _gather_logprobs(schedule_step(model, ref, layout, forward_only=True), B, S)
     out["native_logprobs_max_diff"] = _max_diff(lp, ref.native_logprobs, ref.mask)
     out["record_equals_reference"] = rec.global_trace(ref.lengths, S) == ref.native_trace
 
     # REPLAY_FORWARD of a trace
     with torch.no_grad(), rep.replay_forward(ref.replay_trace, layout=layout):
-        lp = _gather_logprobs(_step(model, ref, layout, forward_only=True), B, S)
+        lp = _gather_logprobs(schedule_step(model, ref, layout, forward_only=True), B, S)
     out["replay_logprobs_max_diff"] = _max_diff(lp, ref.replay_logprobs, ref.mask)
     out["replay_routes_equal_trace"] = _routes_equal_trace(rep, ref.replay_trace, ref.lengths, S, lm)
 
@@ -304,7 +304,7 @@ def run_parity(name: str, model, ref: ParityReference, *, num_microbatches: int 
             # --8<-- [start:replay_step]
             # every rank: the GLOBAL trace, this rank's layout; megatron's schedule runs the micro-batches
             with rep.replay_forward(ref.grad_trace, layout=layout, slicer=slicer):
-                lp = _gather_logprobs(_step(model, ref, layout, forward_only=False), B, S)
+                lp = _gather_logprobs(schedule_step(model, ref, layout, forward_only=False), B, S)
             # --8<-- [end:replay_step]
             seconds = time.perf_counter() - t0
         finally:
@@ -419,3 +419,70 @@ def init_rank(rank: int, port: int, world_size: int = 2) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
+
+
+def run_layouts(names: list[str] | None = None, timeout: float = 90.0, log=print) -> dict:
+    """Every layout in ``names`` (default: all) on 2 forked gloo ranks with its negative controls.
+
+    Imports torch and megatron once in this process, computes the one-process reference once,
+    then forks 2 ranks per layout. Returns ``{layout: run_parity result + exit_codes + seconds}``.
+    Forks this process: call it from a script or a subprocess (``python -m
+    reference_impl.integrations.megatron_parity OUT.json [LAYOUT ...]``), not from a notebook kernel.
+    """
+    import json
+    import os
+    import tempfile
+
+    import megatron.core.models.gpt  # noqa: F401 - imported once, before the forks
+    import megatron.core.pipeline_parallel  # noqa: F401
+
+    from .megatron_cpu_shims import apply_cpu_shims
+
+    torch.set_num_threads(1)
+    apply_cpu_shims()
+    ref_model = tiny_reference_model()
+    tokens, lengths = tiny_batch()
+    ref = parity_reference(ref_model, tokens, lengths)
+    tmp = tempfile.mkdtemp(prefix="megatron_parallel_")
+    results: dict = {}
+    for name in names or list(LAYOUTS):
+        if name not in LAYOUTS:
+            raise ValueError(f"run_layouts: unknown layout {name!r}; known: {sorted(LAYOUTS)}")
+        path = os.path.join(tmp, f"{name}.json")
+
+        def rank_main(rank: int, port: int, name=name, path=path) -> None:
+            init_rank(rank, port)
+            init_layout(name)
+            model = build_layout_model(name, ref_model)
+            res = run_parity(name, model, ref, controls=LAYOUT_CONTROLS[name])
+            if rank == 0:
+                with open(path, "w") as f:
+                    json.dump(res, f)
+
+        t0 = time.perf_counter()
+        codes = fork_ranks(rank_main, 2, timeout)
+        res = json.load(open(path)) if os.path.exists(path) else {}
+        res.update(exit_codes=codes, seconds=time.perf_counter() - t0)
+        results[name] = res
+        log(f"{name}: {res['seconds']:.1f} s, exit codes {codes}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m reference_impl.integrations.megatron_parity OUT.json [LAYOUT ...]")
+        return 2
+    results = run_layouts(args[1:] or None, log=lambda s: print(s, flush=True))
+    with open(args[0], "w") as f:
+        json.dump(results, f, indent=1)
+    return 0 if all(r["exit_codes"] == [0, 0] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

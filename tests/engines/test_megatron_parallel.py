@@ -1,7 +1,7 @@
 """Routing replay under megatron-core model parallelism, on real ranks (2 gloo processes on 127.0.0.1).
 
-One subprocess imports torch and megatron once and forks 2 ranks per layout
-(``megatron_parallel_ranks.py``); every layout is checked against the same weights in one process
+One subprocess (``python -m reference_impl.integrations.megatron_parity``) imports torch and
+megatron once and forks 2 ranks per layout; every layout is checked against the same weights in one process
 (fp32) through megatron's own schedule over 2 micro-batches: native log-probs, R2 (recorded routes
 re-assembled from every rank and micro-batch), REPLAY_FORWARD (log-probs, re-assembled routes),
 replay with backward (gradients gathered to full shape, queues empty), and negative controls — a
@@ -47,7 +47,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron_parallel") / "results.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", "1")
-    done = subprocess.run([sys.executable, str(HERE / "megatron_parallel_ranks.py"), str(out)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "reference_impl.integrations.megatron_parity", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0 and out.exists(), f"runner failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return json.loads(out.read_text())
