@@ -199,3 +199,5 @@ def test_the_cpu_shims_are_applied_once(results):
     assert len(r["shims"]) == 10
     assert r["shims_second_call"] == r["shims"]
     assert r["shims_idempotent"] is True
+    assert r["init_again_ok"] is True
+    assert "tensor_model_parallel_size=1, not 2" in r["init_size_mismatch"]
