@@ -26,6 +26,8 @@ def render(data: dict) -> str:
              "| layout | native log-probs | R2 record | replay log-probs / routes | replay + backward: log-probs / grads (rel.) / zeros / queues | negative controls caught |",
              "|---|---|---|---|---|---|"]
     for name, r in data.items():
+        if "replay_grad" not in r:
+            continue
         g = r["replay_grad"]
         controls = [k for k, v in r.items() if isinstance(v, dict) and "passes" in v and k != "replay_grad"]
         caught = ", ".join(f"`{c}` {'yes' if not r[c]['passes'] else 'NO'}" for c in controls)
@@ -34,6 +36,14 @@ def render(data: dict) -> str:
             f"{r['replay_logprobs_max_diff']:.1e} / {'equal' if r['replay_routes_equal_trace'] else 'DIFFERENT'} | "
             f"{g['logprobs_max_diff']:.1e} / {g['grad_rel_max']:.1e} / {'exact' if g['grad_zeros_exact'] else 'NO'} / "
             f"{'empty' if g['queues_empty'] else 'LEAK'} | {caught} |")
+    dense = data.get("pp2_dense")
+    if dense:
+        ok = dense["r2_replay_logprobs_max_diff"] <= 1e-5 and dense["r2_routes_equal_record"] and dense["replay"]["routes_equal_trace"]
+        lines += ["", f"`pp2_dense` (a user-built `GPTModel`, megatron's decoder block spec, `moe_layer_freq={[int(p) for p in dense['pattern']]}`, "
+                  f"PP=2): stage MoE ordinals {dense['stage_ordinals_all']}; R2 record replayed: log-probs max diff "
+                  f"{dense['r2_replay_logprobs_max_diff']:.1e}, routes {'equal' if dense['r2_routes_equal_record'] else 'DIFFERENT'}; "
+                  f"replay of another trace: routes {'equal' if dense['replay']['routes_equal_trace'] else 'DIFFERENT'}, "
+                  f"queues {'empty' if dense['replay']['queues_empty'] else 'LEAK'} ({'pass' if ok else 'FAIL'})."]
     return "\n".join(lines) + "\n"
 
 

@@ -421,6 +421,86 @@ def init_rank(rank: int, port: int, world_size: int = 2) -> None:
                             timeout=timedelta(seconds=60))
 
 
+# --------------------------------------------------------------- a user-built model with dense layers
+DENSE_LAYOUT = "pp2_dense"
+DENSE_PATTERN = [0, 1, 1, 1]  # moe_layer_freq: decoder layer 0 is dense; stage 0 = layers 0-1, stage 1 = layers 2-3
+
+
+def build_user_model(moe_layer_freq=DENSE_PATTERN, seed: int = 0):
+    """A ``GPTModel`` built the way a user builds one: megatron's decoder block spec (dense and MoE
+    layers from ``moe_layer_freq``), megatron's own random initialization, this rank's pipeline stage."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    from .megatron_cpu import megatron_config
+
+    cfg = tiny_reference_model().config
+    RouterReplay.clear_global_router_replay_instances()
+    torch.manual_seed(seed + ps.get_pipeline_model_parallel_rank())
+    tcfg = megatron_config(cfg, moe_layer_freq=list(moe_layer_freq))
+    spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
+    return GPTModel(tcfg, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                    position_embedding_type="rope", rotary_base=int(cfg.rope_theta), parallel_output=False,
+                    share_embeddings_and_output_weights=False, pre_process=ps.is_pipeline_first_stage(),
+                    post_process=ps.is_pipeline_last_stage()).train()
+
+
+def run_dense_check(model, tokens: torch.Tensor, lengths: list[int], *, num_microbatches: int = 2, seed: int = 0) -> dict:
+    """Replay on a user-built model with dense layers under PP (collective). No one-process reference
+    exists for random megatron weights, so the checks are self-consistency ones that a wrong layer
+    mapping fails: each stage's routers are its ``LayerMap.stage`` ordinals; replaying the recorded
+    (R2) trace reproduces the native log-probs; a replayed trace is what megatron dispatched on every
+    stage, re-assembled; queues drain. (A slicing that gives a stage another stage's layers fails
+    loudly here: with dense layers the stages hold different numbers of MoE layers, and
+    :class:`MegatronReplay` refuses a slice of the wrong shape.)"""
+    from .megatron import MegatronReplay
+
+    B, S = tokens.shape
+    mask = (torch.arange(S - 1)[None] < torch.tensor(lengths)[:, None] - 1).float()
+    ref = ParityReference(tokens, list(lengths), torch.ones(B, S - 1), mask, {}, None, None, None, None, None, None, {})
+    layout = ParallelLayout.from_megatron(model.config, num_microbatches)
+    rep = MegatronReplay(model)
+    lm = rep.sizes.layer_map
+    out = {"layout": DENSE_LAYOUT, "pattern": list(lm.pattern), "stage_ordinals": list(rep.ordinals),
+           "stage_expected": list(lm.stage(layout.pp_rank, layout.pp)), "decoder_layers": list(rep.decoder_layers)}
+    with torch.no_grad(), rep.record(layout) as rec:
+        native = _gather_logprobs(schedule_step(model, ref, layout, forward_only=True), B, S)
+    recorded = rec.global_trace(lengths, S)
+    with torch.no_grad(), rep.replay_forward(recorded, layout=layout):
+        replayed = _gather_logprobs(schedule_step(model, ref, layout, forward_only=True), B, S)
+    out["r2_replay_logprobs_max_diff"] = _max_diff(replayed, native, mask)
+    out["r2_routes_equal_record"] = _routes_equal_trace(rep, recorded, lengths, S, lm)
+    other = _perturbed(recorded, seed + 5, recorded.num_experts)
+    for label in ("replay",):
+        model.zero_grad()
+        with rep.replay_forward(other, layout=layout):
+            schedule_step(model, ref, layout, forward_only=False)
+        r = {"routes_equal_trace": _routes_equal_trace(rep, other, lengths, S, lm)}
+        try:
+            rep.check_drained()
+            r["queues_empty"] = True
+        except RuntimeError:
+            r["queues_empty"] = False
+        rep.clear()
+        out[label] = r
+    out["stage_ordinals_all"] = _gather_ints(rep.ordinals, 3)
+    rep.close()
+    return out
+
+
+def _gather_ints(values: list[int], width: int) -> list[list[int]]:
+    """Every rank's short int list (padded with -1 to ``width``), in rank order."""
+    import torch.distributed as dist
+
+    t = torch.full((width,), -1, dtype=torch.long)
+    t[: len(values)] = torch.tensor(values, dtype=torch.long)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return [[v for v in p.tolist() if v >= 0] for p in parts]
+
+
 def run_layouts(names: list[str] | None = None, timeout: float = 90.0, log=print) -> dict:
     """Every layout in ``names`` (default: all) on 2 forked gloo ranks with its negative controls.
 
@@ -445,16 +525,22 @@ def run_layouts(names: list[str] | None = None, timeout: float = 90.0, log=print
     ref = parity_reference(ref_model, tokens, lengths)
     tmp = tempfile.mkdtemp(prefix="megatron_parallel_")
     results: dict = {}
-    for name in names or list(LAYOUTS):
-        if name not in LAYOUTS:
-            raise ValueError(f"run_layouts: unknown layout {name!r}; known: {sorted(LAYOUTS)}")
+    for name in names or [*LAYOUTS, DENSE_LAYOUT]:
+        if name not in LAYOUTS and name != DENSE_LAYOUT:
+            raise ValueError(f"run_layouts: unknown layout {name!r}; known: {sorted([*LAYOUTS, DENSE_LAYOUT])}")
         path = os.path.join(tmp, f"{name}.json")
 
         def rank_main(rank: int, port: int, name=name, path=path) -> None:
+            from .megatron_cpu import init_megatron_cpu
+
             init_rank(rank, port)
-            init_layout(name)
-            model = build_layout_model(name, ref_model)
-            res = run_parity(name, model, ref, controls=LAYOUT_CONTROLS[name])
+            if name == DENSE_LAYOUT:
+                init_megatron_cpu(pipeline_model_parallel_size=2)
+                res = run_dense_check(build_user_model(), tokens, lengths)
+            else:
+                init_layout(name)
+                model = build_layout_model(name, ref_model)
+                res = run_parity(name, model, ref, controls=LAYOUT_CONTROLS[name])
             if rank == 0:
                 with open(path, "w") as f:
                     json.dump(res, f)

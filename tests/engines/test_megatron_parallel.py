@@ -116,3 +116,14 @@ def test_each_negative_control_is_caught(results, name, control):
 
 def test_the_whole_set_is_fast(results):
     assert sum(results[n]["seconds"] for n in LAYOUTS) < 90
+
+
+def test_a_user_built_model_with_a_dense_layer_maps_each_stage_to_its_moe_ordinals(results):
+    r = layout(results, "pp2_dense")
+    # moe_layer_freq=[0, 1, 1, 1] under PP=2: stage 0 holds decoder layers 0 (dense) and 1, stage 1 layers 2 and 3
+    assert r["pattern"] == [False, True, True, True]
+    assert r["stage_ordinals_all"] == [[0], [1, 2]]
+    assert r["stage_ordinals"] == r["stage_expected"] and r["decoder_layers"] == [1]
+    # R2 on megatron's own random weights: replaying the re-assembled record reproduces the native log-probs
+    assert r["r2_replay_logprobs_max_diff"] <= TOL and r["r2_routes_equal_record"] is True
+    assert r["replay"]["routes_equal_trace"] is True and r["replay"]["queues_empty"] is True
