@@ -119,3 +119,24 @@ def test_shards_of_a_gated_fc1_are_gate_and_up_halves_and_unshard_inverts_them()
     assert torch.equal(unshard_tensors([shard_tensor(full, s) for s in plain], plain[0]), full)
     with pytest.raises(ValueError, match="needs 2 shards"):
         unshard_tensors(shards[:1], specs[0])
+
+
+@pytest.mark.parametrize(
+    "control,sizes",
+    [("batch_major", dict(dp=2)), ("contiguous_rows", dict(dp=2, m=2)), ("contiguous_rows", dict(m=2)),
+     ("first_stage_layers", dict(pp=2)), ("contiguous_cp", dict(cp=2))],
+)
+def test_every_negative_control_slices_differently_on_some_rank_with_the_same_shapes(control, sizes):
+    """The controls of the multi-rank test are real bugs: same shapes (megatron accepts them), other routes."""
+    from reference_impl.integrations.megatron_parity import CONTROLS
+
+    slicer, _ = CONTROLS[control]
+    lm = LayerMap.from_config(4)
+    grid = coded_grid(4)
+    differs = False
+    for lay in all_layouts(**sizes):
+        for m in range(lay.num_microbatches):
+            good, bad = slice_routes(grid, lay, m, lm), slicer(grid, lay, m, lm)
+            assert bad.shape == good.shape
+            differs |= not torch.equal(good, bad)
+    assert differs
