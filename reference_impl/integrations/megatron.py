@@ -1,7 +1,15 @@
 """Drive megatron-core's ``RouterReplay`` (R2 record, R3 replay, replay under recompute) from a `RoutingTrace`.
 
-Tested with megatron-core 0.16.1 on CPU (gloo, world size 1); the replay primitive is
+Tested with megatron-core 0.16.1 on CPU (gloo): in one process, and on 2 real ranks under EP, TP+SP,
+PP (1F1B, with and without recompute), CP and their combinations (see
+:mod:`reference_impl.integrations.megatron_parity`); the replay primitive is
 ``megatron.core.transformer.moe.router_replay`` and Megatron has no trainer wiring of its own.
+
+Model parallelism. Every rank passes the **global** trace and its :class:`ParallelLayout`; the
+controller cuts the trace for each micro-batch with :func:`reference_impl.slicing.slice_routes`
+(data-parallel rows, the stage's MoE layers, CP zigzag, SP chunk), and RECORD keeps one piece per
+micro-batch for :meth:`MegatronRecording.global_trace` (the inverse, :func:`reference_impl.slicing.assemble_routes`).
+Sizes come from ``model.config`` (:func:`moe_sizes`), so a ``GPTModel`` you built works as well.
 
 Two pieces here, and one beside them:
 
@@ -275,7 +283,15 @@ class MegatronReplay:
     native top-k; a RECORD forward under recompute also pins its recompute to the recorded routes.
 
     The routes Megatron actually dispatched (its ``routing_map``) are kept for the last forward
-    (:meth:`last_routes`) and for the last recompute (:meth:`last_recompute_routes`).
+    (:meth:`last_routes`) and for the last recompute (:meth:`last_recompute_routes`), and as one
+    piece per forward of the current mode (:attr:`dispatched`, for :func:`assemble_routes`).
+
+    Under model parallelism (one controller per rank, around megatron's schedule):
+
+    >>> layout = ParallelLayout.from_megatron(model.config, num_microbatches=M)
+    >>> with rep.replay_forward(global_trace, layout=layout):
+    ...     get_forward_backward_func()(forward_step_func=..., num_microbatches=M, ...)
+    >>> rep.check_drained()   # every recompute queue empty after the step
     """
 
     def __init__(self, model, *, check_routing_map: bool = True) -> None:
@@ -303,6 +319,7 @@ class MegatronReplay:
         self._grid: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._will_recompute = False
         self._microbatch = 0
+        self._current_mb = 0
         self._forward_maps: list[torch.Tensor | None] = [None] * len(self.routers)
         self._recompute_maps: list[torch.Tensor | None] = [None] * len(self.routers)
         self._targets: list[torch.Tensor | None] = [None] * len(self.routers)
