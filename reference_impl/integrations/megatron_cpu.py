@@ -140,14 +140,18 @@ def megatron_config(cfg: MoEConfig, *, recompute: bool = False, **overrides):
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         transformer_impl="local",
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        context_parallel_size=ps.get_context_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-        sequence_parallel=ps.get_tensor_model_parallel_world_size() > 1,
         batch_p2p_sync=False,  # True calls torch.cuda.synchronize() around pipeline p2p
     )
+    if ps.model_parallel_is_initialized():  # otherwise one process: every size 1
+        tp = ps.get_tensor_model_parallel_world_size()
+        kwargs.update(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+            context_parallel_size=ps.get_context_parallel_world_size(),
+            expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+            sequence_parallel=tp > 1,
+        )
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(overrides)
