@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SCRIPTS = ["replay_overhead.py", "logprob_memory.py", "megatron_replay.py", "rollout_throughput.py", "vllm_capture.py", "mismatch_table.py"]
+SCRIPTS = ["replay_overhead.py", "logprob_memory.py", "megatron_replay.py", "megatron_parallel_parity.py", "megatron_parallel_replay.py", "rollout_throughput.py", "vllm_capture.py", "mismatch_table.py"]
 
 
 def run_benchmarks() -> None:
@@ -68,6 +68,14 @@ def render() -> str:
             r = mr[key]
             rows.append((f"megatron-core fwd+bwd, {label}",
                          f"replay/native {r['replay_over_native']:.3f}, record/native {r['record_over_native']:.3f}"))
+    mpr = _load("megatron_parallel_replay.json")
+    if mpr:
+        st = mpr["settings"]
+        for name, r in mpr["layouts"].items():
+            rows.append((f"megatron-core fwd+bwd under model parallelism, {name} (2 gloo ranks, {st['microbatches']} micro-batches, "
+                         f"{st['batch']}×{st['seq']} tokens)",
+                         f"replay/native {r['replay_over_native']:.3f}, record/native {r['record_over_native']:.3f} "
+                         f"(native {r['median_seconds']['native'] * 1e3:.0f} ms)"))
     rt = _load("rollout_throughput.json")
     if rt:
         ref, v = rt["reference_engine"], rt["vllm"]

@@ -51,7 +51,7 @@ def number(pattern: str, text: str) -> float:
 
 
 def test_every_example_has_a_test():
-    tested = {"quickstart.py", "reference_engine.py", "validate_framework.py", "vllm_rollout.py", "megatron_replay.py", "transformers_replay.py"}
+    tested = {"quickstart.py", "reference_engine.py", "validate_framework.py", "vllm_rollout.py", "megatron_replay.py", "transformers_replay.py", "megatron_parallel_replay.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -114,6 +114,33 @@ def test_megatron_example_records_replays_and_recomputes(tmp_path):
     assert "after the forward: routers hold [1, 1] targets for the recompute" in out
     assert "after the backward: [0, 0] pending; recompute used the forward's routes: True" in out
     assert number(r"router gradient norm, layer 0: (\S+)", out) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.skipif(not _has("megatron"), reason="megatron-core is not installed (the engines extra)")
+def test_megatron_parallel_example_under_torchrun_passes_parity_and_catches_a_control(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # torchrun == python -m torch.distributed.run: 2 real ranks on 127.0.0.1, gloo
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(EXAMPLES / "megatron_parallel_replay.py"), "--layout", "tp2_sp_ep2",
+         "--control", "batch_major"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90,  # about 35 s on a loaded 2-core machine
+    )
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    out = done.stdout
+    assert "'tp': 2" in out and "ep=2" in out
+    assert number(r"native log-probs, max \|diff\| +(\S+)", out) <= 1e-5
+    assert number(r"replay\+backward: grads, max rel. error +(\S+)", out) <= 1e-5
+    assert "parity under tp2_sp_ep2: PASS" in out
+    assert "control batch_major: caught" in out
 
 
 @pytest.mark.slow

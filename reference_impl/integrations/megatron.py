@@ -1,7 +1,15 @@
 """Drive megatron-core's ``RouterReplay`` (R2 record, R3 replay, replay under recompute) from a `RoutingTrace`.
 
-Tested with megatron-core 0.16.1 on CPU (gloo, world size 1); the replay primitive is
+Tested with megatron-core 0.16.1 on CPU (gloo): in one process, and on 2 real ranks under EP, TP+SP,
+PP (1F1B, with and without recompute), CP and their combinations (see
+:mod:`reference_impl.integrations.megatron_parity`); the replay primitive is
 ``megatron.core.transformer.moe.router_replay`` and Megatron has no trainer wiring of its own.
+
+Model parallelism. Every rank passes the **global** trace and its :class:`ParallelLayout`; the
+controller cuts the trace for each micro-batch with :func:`reference_impl.slicing.slice_routes`
+(data-parallel rows, the stage's MoE layers, CP zigzag, SP chunk), and RECORD keeps one piece per
+micro-batch for :meth:`MegatronRecording.global_trace` (the inverse, :func:`reference_impl.slicing.assemble_routes`).
+Sizes come from ``model.config`` (:func:`moe_sizes`), so a ``GPTModel`` you built works as well.
 
 Two pieces here, and one beside them:
 
@@ -61,10 +69,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..model import MoEConfig
 from ..converters import from_layer_major, to_layer_major
+from ..errors import AlignmentError, ConfigError
+from ..layers import LayerMap
 from ..replay import ReplayStats
 from ..routing import RoutingTrace
+from ..slicing import ParallelLayout, assemble_routes, slice_routes
 
 __all__ = [
     "causal_attention_mask",
@@ -75,6 +85,9 @@ __all__ = [
     "MegatronRecording",
     "MegatronLogprobs",
     "megatron_logprobs",
+    "moe_sizes",
+    "all_gather_pieces",
+    "ParallelLayout",
 ]
 
 # The tiny-model CPU loader moved to :mod:`reference_impl.integrations.megatron_cpu`; its names stay
@@ -94,11 +107,22 @@ _REPLAY_ATTR = "_reference_impl_megatron_replay"
 _REF_CONFIG_ATTR = "_reference_impl_moe_config"
 
 
-def _moe_config(model) -> MoEConfig:
-    cfg = getattr(model, _REF_CONFIG_ATTR, None)
-    if cfg is None:
-        raise TypeError("expected a GPTModel built by build_megatron_model / load_megatron_model")
-    return cfg
+@dataclass(frozen=True)
+class MoESizes:
+    """What replay needs from a megatron ``TransformerConfig``: experts, top-k, the MoE-layer map."""
+
+    num_experts: int
+    top_k: int
+    layer_map: LayerMap
+
+
+def moe_sizes(config) -> MoESizes:
+    """Sizes from a megatron ``TransformerConfig`` (``num_moe_experts``, ``moe_router_topk``,
+    ``num_layers``, ``moe_layer_freq``); MTP layers are not decoder layers and never enter the map."""
+    if not config.num_moe_experts:
+        raise ConfigError("MegatronReplay: the model's config has no num_moe_experts (not an MoE model)")
+    freq = config.moe_layer_freq
+    return MoESizes(int(config.num_moe_experts), int(config.moe_router_topk), LayerMap.from_config(int(config.num_layers), moe_layer_freq=freq))
 
 
 # ------------------------------------------------------------------------------------- forward
@@ -159,15 +183,73 @@ def _sb_to_routes(per_layer: Sequence[torch.Tensor], batch: int) -> torch.Tensor
     return torch.stack(layers, dim=2).sort(dim=-1).values
 
 
+_LAYOUT_FIELDS = ("dp", "dp_rank", "pp", "pp_rank", "cp", "cp_rank", "tp", "tp_rank", "sequence_parallel", "num_microbatches")
+
+
+def all_gather_pieces(
+    pieces: Sequence[tuple[ParallelLayout, int, torch.Tensor]], group=None
+) -> list[tuple[ParallelLayout, int, torch.Tensor]]:
+    """Every rank's ``(layout, microbatch, piece)`` routes, on every rank (collective, no pickling).
+
+    Each rank must hold the same number of pieces of the same ``[s, b, *, k]`` shape (true for the
+    even splits of :mod:`reference_impl.slicing`); the MoE-layer axis may differ between pipeline
+    stages (dense layers) and is padded for the gather. A rank without MoE layers contributes none.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return list(pieces)
+    world = dist.get_world_size(group)
+    head = torch.tensor([len(pieces), *(pieces[0][2].shape if pieces else (0, 0, 0, 0))], dtype=torch.long)
+    heads = [torch.empty_like(head) for _ in range(world)]
+    dist.all_gather(heads, head, group=group)
+    counts = {tuple(h[[0, 1, 2, 4]].tolist()) for h in heads if h[0] > 0}
+    if len(counts) > 1:
+        raise AlignmentError(f"all_gather_pieces: ranks hold different numbers or shapes of pieces: {sorted(counts)}")
+    if not counts:
+        return []
+    n, s, b, k = counts.pop()
+    width = int(max(h[3] for h in heads))
+    data = torch.full((n, s, b, width, k), -1, dtype=torch.long)
+    meta = torch.zeros(n, len(_LAYOUT_FIELDS) + 2, dtype=torch.long)
+    for i, (lay, mb, piece) in enumerate(pieces):
+        data[i, :, :, : piece.shape[2]] = piece
+        meta[i] = torch.tensor([int(getattr(lay, f)) for f in _LAYOUT_FIELDS] + [mb, piece.shape[2]])
+    all_data = [torch.empty_like(data) for _ in range(world)]
+    all_meta = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(all_data, data, group=group)
+    dist.all_gather(all_meta, meta, group=group)
+    out = []
+    for rank_data, rank_meta, h in zip(all_data, all_meta, heads):
+        for i in range(int(h[0])):
+            values = rank_meta[i].tolist()
+            fields = dict(zip(_LAYOUT_FIELDS, values))
+            fields["sequence_parallel"] = bool(fields["sequence_parallel"])
+            out.append((ParallelLayout(**fields), values[-2], rank_data[i, :, :, : values[-1]]))
+    return out
+
+
 # ------------------------------------------------------------------------------ replay control
 @dataclass
 class MegatronRecording:
     """What :meth:`MegatronReplay.record` captured: Megatron's recorded top-k of the last forward."""
 
     num_experts: int
-    recorded: list[torch.Tensor] | None = None  # per layer [S*B, k] as Megatron recorded them
+    recorded: list[torch.Tensor] | None = None  # per layer [S*B, k] as Megatron recorded them (last forward)
     batch: int = 0
     forwards: int = 0
+    layer_map: LayerMap | None = None
+    pieces: list[tuple[ParallelLayout, int, torch.Tensor]] = field(default_factory=list)  # every forward, this rank
+
+    def global_trace(self, seq_lengths: Sequence[int], seq_len: int, group=None) -> RoutingTrace:
+        """R2 under model parallelism: every rank's and micro-batch's recorded routes as one global trace.
+
+        Collective over ``group`` (default: the world; every rank must call it, pipeline stages
+        included). ``seq_lengths`` are the global batch's tokens per sequence, ``seq_len`` its padded length.
+        """
+        pieces = all_gather_pieces(self.pieces, group)
+        grid = assemble_routes(pieces, seq_len, len(seq_lengths), self.layer_map)  # [S, B, L, k]
+        return RoutingTrace.from_padded(grid.transpose(0, 1), list(seq_lengths), self.num_experts)
 
     def routes(self) -> torch.Tensor:
         """Recorded routes ``[B, S, L, k]`` (int64, ids sorted ascending)."""
@@ -201,7 +283,15 @@ class MegatronReplay:
     native top-k; a RECORD forward under recompute also pins its recompute to the recorded routes.
 
     The routes Megatron actually dispatched (its ``routing_map``) are kept for the last forward
-    (:meth:`last_routes`) and for the last recompute (:meth:`last_recompute_routes`).
+    (:meth:`last_routes`) and for the last recompute (:meth:`last_recompute_routes`), and as one
+    piece per forward of the current mode (:attr:`dispatched`, for :func:`assemble_routes`).
+
+    Under model parallelism (one controller per rank, around megatron's schedule):
+
+    >>> layout = ParallelLayout.from_megatron(model.config, num_microbatches=M)
+    >>> with rep.replay_forward(global_trace, layout=layout):
+    ...     get_forward_backward_func()(forward_step_func=..., num_microbatches=M, ...)
+    >>> rep.check_drained()   # every recompute queue empty after the step
     """
 
     def __init__(self, model, *, check_routing_map: bool = True) -> None:
@@ -209,24 +299,33 @@ class MegatronReplay:
 
         self._RouterReplay, self._Action = RouterReplay, RouterReplayAction
         self.model = model
-        self.config = _moe_config(model)
-        self.routers = [layer.mlp.router for layer in model.decoder.layers]
+        self.sizes = moe_sizes(model.config)
+        layers = [layer for layer in model.decoder.layers if hasattr(layer.mlp, "router")]
+        self.routers = [layer.mlp.router for layer in layers]
+        self.decoder_layers = [layer.layer_number - 1 for layer in layers]  # global decoder indices
+        self.ordinals = [self.sizes.layer_map.ordinal(i) for i in self.decoder_layers]  # trace layer of each local router
         self.instances = [r.router_replay for r in self.routers]
         if any(rr is None for rr in self.instances):
-            raise ValueError("MegatronReplay: the model was built without moe_enable_routing_replay=True")
-        if len(self.routers) != self.config.num_hidden_layers:
-            raise ValueError(f"MegatronReplay: {len(self.routers)} MoE routers for {self.config.num_hidden_layers} layers")
+            raise ConfigError("MegatronReplay: the model was built without moe_enable_routing_replay=True")
+        if getattr(model.config, "moe_router_fusion", False):
+            raise ConfigError("MegatronReplay: moe_router_fusion=True skips RouterReplay; build with moe_router_fusion=False")
         self.check_routing_map = check_routing_map
         self._mode: str | None = None
         self._trace: RoutingTrace | None = None
+        self._layout: ParallelLayout | None = None
+        self._slicer = slice_routes
         self._stats: ReplayStats | None = None
         self._recording: MegatronRecording | None = None
-        self._grid: dict[tuple[int, int], tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._grid: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._will_recompute = False
+        self._microbatch = 0
+        self._current_mb = 0
         self._forward_maps: list[torch.Tensor | None] = [None] * len(self.routers)
         self._recompute_maps: list[torch.Tensor | None] = [None] * len(self.routers)
         self._targets: list[torch.Tensor | None] = [None] * len(self.routers)
+        self.dispatched: list[tuple[ParallelLayout, int, torch.Tensor]] = []
         self._batch = 0
+        self._seq = 0
         self._restore_backward = False
         previous = getattr(model, _REPLAY_ATTR, None)
         if previous is not None:
@@ -237,6 +336,11 @@ class MegatronReplay:
             self._handles.append(router.register_forward_hook(lambda mod, args, out, layer=layer: self._router_post_hook(layer, out)))
         setattr(model, _REPLAY_ATTR, self)
         self._bind()
+
+    @property
+    def config(self) -> MoESizes:
+        """The sizes read from ``model.config`` (see :func:`moe_sizes`)."""
+        return self.sizes
 
     @classmethod
     def of(cls, model) -> "MegatronReplay":
@@ -279,6 +383,20 @@ class MegatronReplay:
         """Targets each router still holds for a recompute (all 0 once backward has run)."""
         return [len(rr.replay_backward_list) for rr in self.instances]
 
+    def check_drained(self) -> None:
+        """Raise unless every router's recompute FIFO is empty: call it after a training step.
+
+        A target left behind means a forward whose recompute never popped it (REPLAY_BACKWARD was not
+        switched on before the recompute, or a backward did not run); the next step would replay it.
+        """
+        for j, rr in enumerate(self.instances):
+            if rr.replay_backward_list:
+                raise RuntimeError(
+                    f"MegatronReplay: MoE layer {self.ordinals[j]} (decoder layer {self.decoder_layers[j]}) still holds "
+                    f"{len(rr.replay_backward_list)} recompute target(s) after the step: a recompute ran without "
+                    "REPLAY_BACKWARD, or a backward did not run"
+                )
+
     def clear(self) -> None:
         """Forget targets, recordings and pending recompute targets; route natively (Megatron's
         ``clear_global_indices`` + ``clear_router_replay_action`` for this model's routers)."""
@@ -298,6 +416,8 @@ class MegatronReplay:
         self._bind()
         self._clear_indices()
         self._mode = mode
+        self._microbatch = 0
+        self.dispatched = []
         ok = False
         try:
             yield
@@ -313,10 +433,26 @@ class MegatronReplay:
                 self.clear()
 
     # ----------------------------------------------------------------------------------- modes
+    def _check_layout(self, layout: ParallelLayout | None) -> ParallelLayout:
+        layout = layout if layout is not None else ParallelLayout()
+        stage = self.sizes.layer_map.stage(layout.pp_rank, layout.pp)
+        if tuple(self.ordinals) != stage:
+            raise ConfigError(
+                f"MegatronReplay: this rank's MoE routers are trace layers {self.ordinals}, but pipeline stage "
+                f"{layout.pp_rank} of {layout.pp} holds {list(stage)} (an uneven pipeline split, or a wrong layout)"
+            )
+        return layout
+
     @contextmanager
-    def record(self) -> Iterator[MegatronRecording]:
-        """RECORD: Megatron routes natively and records its top-k; yields a :class:`MegatronRecording`."""
-        self._recording = MegatronRecording(num_experts=self.config.num_experts)
+    def record(self, layout: ParallelLayout | None = None) -> Iterator[MegatronRecording]:
+        """RECORD: Megatron routes natively and records its top-k; yields a :class:`MegatronRecording`.
+
+        Each forward inside the block is micro-batch ``i % layout.num_microbatches`` of ``layout``
+        (this rank's place; default: one process); its routes are kept as a piece
+        (:attr:`MegatronRecording.pieces`) for :meth:`MegatronRecording.global_trace`.
+        """
+        self._layout = self._check_layout(layout)
+        self._recording = MegatronRecording(num_experts=self.sizes.num_experts, layer_map=self.sizes.layer_map)
         try:
             with self._mode_block("record"):
                 yield self._recording
@@ -331,8 +467,16 @@ class MegatronReplay:
         *,
         invalid_rows: str = "native",
         strict: bool = True,
+        layout: ParallelLayout | None = None,
+        slicer=slice_routes,
     ) -> Iterator[ReplayStats]:
         """REPLAY_FORWARD ``trace`` in every forward inside the block; yields live :class:`ReplayStats`.
+
+        Under model parallelism ``trace`` is the **global** trace of the step (every sequence of the
+        global batch, every MoE layer) on every rank, and ``layout`` is this rank's place
+        (:meth:`ParallelLayout.from_megatron`): forward ``i`` inside the block is micro-batch
+        ``i % layout.num_microbatches``, and each router gets its cut of the trace from ``slicer``
+        (default :func:`reference_impl.slicing.slice_routes`; pass your framework's slicing to test it).
 
         Sequence ``i`` of the trace drives batch row ``i``: positions ``0 .. rows_i - 1`` take its
         ids; the last position, padding and invalid rows take the native top-k of the same forward
@@ -340,8 +484,9 @@ class MegatronReplay:
         ``seq_lengths`` checks the alignment rule up front. With ``strict``, a block in which no
         forward of this model ran raises (a replay that silently did nothing).
         """
-        cfg = self.config
-        trace.check_compatible(num_layers=cfg.num_hidden_layers, top_k=cfg.num_experts_per_tok, num_experts=cfg.num_experts)
+        sizes = self.sizes
+        trace.check_compatible(num_layers=sizes.layer_map.num_moe_layers, top_k=sizes.top_k, num_experts=sizes.num_experts)
+        self._layout, self._slicer = self._check_layout(layout), slicer
         if seq_lengths is not None:
             trace.check_alignment(seq_lengths)
         if invalid_rows not in ("native", "error"):
@@ -389,6 +534,8 @@ class MegatronReplay:
             self._set_action(None)
             return
         self._bind()
+        self._current_mb = self._microbatch % self._layout.num_microbatches
+        self._microbatch += 1
         if self._mode == "record":
             self._set_action(self._Action.RECORD)
         elif self._mode == "replay":
@@ -401,12 +548,16 @@ class MegatronReplay:
                 self._restore_backward = False
                 self.replay_backward()
             return
+        if self.routers:
+            self.dispatched.append((self._layout, self._current_mb, self._piece(self._maps_to_ids(self._forward_maps))))
         if self._mode == "record":
             recorded = [rr.get_recorded_indices() for rr in self.instances]
             rec = self._recording
             rec.recorded = [r.detach().clone() for r in recorded]
             rec.batch = self._batch
             rec.forwards += 1
+            if self.routers:
+                rec.pieces.append((self._layout, self._current_mb, self._piece([r.detach().sort(dim=-1).values for r in recorded])))
             if self._will_recompute:
                 # Pin the recompute to the recorded routes (native top-k could flip a near tie).
                 for rr, ids in zip(self.instances, recorded):
@@ -421,27 +572,17 @@ class MegatronReplay:
         rr = self.instances[layer]
         if rr.router_replay_action == self._Action.REPLAY_BACKWARD:
             return
-        self._batch = b
+        self._batch, self._seq = b, s
         if self._mode != "replay" or rr.router_replay_action != self._Action.REPLAY_FORWARD:
             return
-        trace = self._trace
-        if b != trace.num_sequences:
-            raise ValueError(f"MegatronReplay: the forward has batch {b} but the trace holds {trace.num_sequences} sequences")
-        if (s, b) not in self._grid:
-            if max(trace.rows_per_seq, default=0) > s:
-                raise ValueError(
-                    f"MegatronReplay: the trace has a sequence of {max(trace.rows_per_seq)} routed rows, "
-                    f"more than the {s} positions of the forward"
-                )
-            self._grid[(s, b)] = megatron_replay_targets(trace, s)
-        targets, valid = self._grid[(s, b)]
-        target = targets[layer].to(hidden.device)
+        target, valid = self._local_targets(s, b, layer)
+        target, valid = target.to(hidden.device), valid.to(hidden.device)
         n_valid = int(valid.sum())
         if n_valid < valid.numel():
             router = self.routers[layer]
             with torch.no_grad():
-                native = torch.topk(router.gating(hidden).view(s * b, -1), self.config.num_experts_per_tok, dim=1).indices
-            target = torch.where(valid.to(hidden.device)[:, None], target, native)
+                native = torch.topk(router.gating(hidden).view(s * b, -1), self.sizes.top_k, dim=1).indices
+            target = torch.where(valid[:, None], target, native)
         self._stats.replayed_rows += n_valid
         self._stats.native_rows += valid.numel() - n_valid
         rr.set_target_indices(target)  # appends to replay_backward_list too
@@ -462,10 +603,50 @@ class MegatronReplay:
             and rr.router_replay_action == self._Action.REPLAY_FORWARD
             and not (
                 bool(routing_map.gather(1, self._targets[layer]).all())
-                and bool((routing_map.sum(dim=1) == self.config.num_experts_per_tok).all())
+                and bool((routing_map.sum(dim=1) == self.sizes.top_k).all())
             )
         ):
-            raise RuntimeError(f"MegatronReplay: layer {layer} dispatched tokens to experts other than the replayed ones")
+            raise RuntimeError(
+                f"MegatronReplay: MoE layer {self.ordinals[layer]} dispatched tokens to experts other than the replayed ones"
+            )
+
+    def _local_targets(self, s: int, b: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's target ``[s*b, k]`` and validity ``[s*b]`` for local router ``layer``, current micro-batch.
+
+        The global grid carries the validity as an extra id column, so ``slicer`` cuts ids and
+        validity identically (whatever slicer it is).
+        """
+        lay, trace, k = self._layout, self._trace, self.sizes.top_k
+        seq = s * lay.cp * (lay.tp if lay.sequence_parallel and lay.tp > 1 else 1)
+        batch = b * lay.dp * lay.num_microbatches
+        if batch != trace.num_sequences:
+            raise AlignmentError(
+                f"MegatronReplay: the forward has batch {b} (a global batch of {batch} = {b} x dp {lay.dp} x "
+                f"{lay.num_microbatches} micro-batches) but the trace holds {trace.num_sequences} sequences"
+            )
+        key = (seq, batch, self._current_mb)
+        if key not in self._grid:
+            if max(trace.rows_per_seq, default=0) > seq:
+                raise AlignmentError(
+                    f"MegatronReplay: the trace has a sequence of {max(trace.rows_per_seq)} routed rows, "
+                    f"more than the {seq} positions of the forward"
+                )
+            ids, valid = trace.to_padded(seq)  # [B, S, L, k], [B, S]
+            flag = valid[:, :, None, None].expand(batch, seq, trace.num_layers, 1)
+            grid = torch.cat([ids.long(), flag.long()], dim=-1).transpose(0, 1)  # [S, B, L, k+1], s-major
+            local = self._slicer(grid, lay, self._current_mb, self.sizes.layer_map)
+            if tuple(local.shape) != (s, b, len(self.routers), k + 1):
+                raise AlignmentError(
+                    f"MegatronReplay: the slicer gave {tuple(local.shape[:3])} for this rank's routers, which see "
+                    f"[{s} positions, {b} rows] in {len(self.routers)} MoE layers"
+                )
+            self._grid[key] = local
+        local = self._grid[key][:, :, layer]
+        return local[..., :k].reshape(s * b, k), local[..., k].reshape(s * b).bool()
+
+    def _piece(self, per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per local router ``[s*b, k]`` (s-major) -> one piece ``[s, b, L_stage, k]`` for :func:`assemble_routes`."""
+        return torch.stack([ids.long().view(self._seq, self._batch, -1) for ids in per_layer], dim=2)
 
     # ------------------------------------------------------------------------------ readouts
     def last_routes(self) -> torch.Tensor:
@@ -476,15 +657,18 @@ class MegatronReplay:
         """Routes Megatron dispatched in the last activation recompute (backward): ``[B, S, L, k]``."""
         return self._maps_to_routes(self._recompute_maps)
 
-    def _maps_to_routes(self, maps) -> torch.Tensor:
+    def _maps_to_ids(self, maps) -> list[torch.Tensor]:
         if any(m is None for m in maps):
             raise RuntimeError("MegatronReplay: no routing map captured (no forward, or it ran outside a mode)")
-        k = self.config.num_experts_per_tok
+        k = self.sizes.top_k
         per_layer = []
         for m in maps:
             n, e = m.shape
             per_layer.append(torch.arange(e).expand(n, e)[m.cpu()].view(n, k))
-        return _sb_to_routes(per_layer, self._batch)
+        return per_layer
+
+    def _maps_to_routes(self, maps) -> torch.Tensor:
+        return _sb_to_routes(self._maps_to_ids(maps), self._batch)
 
 
 # ---------------------------------------------------------------------------------- one call

@@ -13,17 +13,44 @@ All functions import megatron lazily: the module imports without megatron-core i
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from ..model import MoEConfig, MoEForCausalLM
 from .megatron import _REF_CONFIG_ATTR
 
-__all__ = ["init_megatron_cpu", "megatron_config", "megatron_state_dict", "build_megatron_model", "load_megatron_model"]
+__all__ = [
+    "init_megatron_cpu", "megatron_config", "megatron_state_dict", "build_megatron_model", "load_megatron_model",
+    "ShardSpec", "shard_specs", "shard_tensor", "unshard_tensors", "shard_state_dict", "gather_full_grads",
+]
 
 
-def init_megatron_cpu() -> tuple[str, ...]:
-    """Make megatron-core usable in this process: gloo group (world size 1), TP=PP=1, CPU shims.
+_PARALLEL_KEYS = {
+    "tensor_model_parallel_size": "get_tensor_model_parallel_world_size",
+    "pipeline_model_parallel_size": "get_pipeline_model_parallel_world_size",
+    "context_parallel_size": "get_context_parallel_world_size",
+    "expert_model_parallel_size": "get_expert_model_parallel_world_size",
+    "expert_tensor_parallel_size": "get_expert_tensor_parallel_world_size",
+}
+
+
+def init_megatron_cpu(
+    tensor_model_parallel_size: int | None = None,
+    pipeline_model_parallel_size: int | None = None,
+    context_parallel_size: int | None = None,
+    expert_model_parallel_size: int | None = None,
+    expert_tensor_parallel_size: int | None = None,
+) -> tuple[str, ...]:
+    """Make megatron-core usable in this process: join (or create) the process group, set the parallel sizes, CPU shims.
+
+    * An existing ``torch.distributed`` group (yours, ``torchrun``'s) is joined as it is, whatever
+      its world size; without one, ``WORLD_SIZE``/``RANK``/``MASTER_ADDR`` in the environment
+      (``torchrun``) start a gloo group, and otherwise a one-rank in-memory gloo group is created
+      (no port, no file, no rendezvous).
+    * megatron's ``parallel_state`` is initialized with the given sizes (None = 1; expert TP: megatron's
+      default) if it is not yet; if it is, the sizes given must match what it holds (an error names
+      the first that differs) and the sizes not given are left as they are.
 
     Idempotent. Returns the names of the CPU shims applied (see
     :mod:`reference_impl.integrations.megatron_cpu_shims`; none on a CUDA machine). Process-wide:
@@ -35,12 +62,23 @@ def init_megatron_cpu() -> tuple[str, ...]:
     from .megatron_cpu_shims import apply_cpu_shims
 
     if not dist.is_initialized():
-        # A single-rank in-memory store: no port, no file, no rendezvous.
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if dist.get_world_size() != 1:
-        raise RuntimeError(f"init_megatron_cpu: expected world size 1, got {dist.get_world_size()}")
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group("gloo")
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    sizes = dict(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+    )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+        parallel_state.initialize_model_parallel(**{k: (1 if v is None and k != "expert_tensor_parallel_size" else v) for k, v in sizes.items()})
+    for key, getter in _PARALLEL_KEYS.items():
+        want, have = sizes[key], getattr(parallel_state, getter)()
+        if want is not None and want != have:
+            raise RuntimeError(f"init_megatron_cpu: megatron's parallel state has {key}={have}, not {want}")
     return apply_cpu_shims()
 
 
@@ -48,9 +86,12 @@ def megatron_config(cfg: MoEConfig, *, recompute: bool = False, **overrides):
     """A ``TransformerConfig`` equal in function to the Qwen3-MoE ``cfg`` (fp32, CPU, replay enabled).
 
     ``recompute=True`` sets ``recompute_granularity="full"`` (every layer recomputed in backward,
-    ``recompute_method="uniform"``, one layer per unit). ``overrides`` go to ``TransformerConfig``.
+    ``recompute_method="uniform"``, one layer per unit). The parallel sizes come from megatron's
+    ``parallel_state`` (sequence parallelism on whenever TP > 1: megatron's MoE requires it in
+    training). ``overrides`` go to ``TransformerConfig``.
     """
     import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if not cfg.norm_topk_prob:
@@ -93,10 +134,24 @@ def megatron_config(cfg: MoEConfig, *, recompute: bool = False, **overrides):
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=True,
-        perform_initialization=False,  # every weight is loaded from the checkpoint
+        # Every weight is loaded from the checkpoint afterwards, but only megatron's init helpers tag
+        # TP-sharded weights with `tensor_model_parallel` / `partition_dim` (used to shard and gather).
+        perform_initialization=True,
         params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         transformer_impl="local",
+        batch_p2p_sync=False,  # True calls torch.cuda.synchronize() around pipeline p2p
     )
+    if ps.model_parallel_is_initialized():  # otherwise one process: every size 1
+        tp = ps.get_tensor_model_parallel_world_size()
+        kwargs.update(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+            context_parallel_size=ps.get_context_parallel_world_size(),
+            expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+            sequence_parallel=tp > 1,
+        )
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(overrides)
@@ -137,8 +192,12 @@ def megatron_state_dict(state: dict[str, torch.Tensor], cfg: MoEConfig) -> dict[
     return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
 
 
-def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, **config_overrides):
+def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, parallel_output: bool = True, **config_overrides):
     """A Megatron ``GPTModel`` holding the weights of our :class:`~reference_impl.MoEForCausalLM`.
+
+    Built inside megatron's current parallel state: this rank's pipeline stage (its decoder layers,
+    the embedding on the first stage, the output layer on the last), its TP shards and its experts
+    (:func:`shard_state_dict`). ``parallel_output=False`` gathers the vocab-parallel logits.
 
     Clears Megatron's class-level ``RouterReplay`` instance list first (a rebuilt model must not
     leave orphaned replay objects behind). Initializes the CPU process group and shims if needed.
@@ -148,6 +207,8 @@ def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    from megatron.core import parallel_state as ps
 
     cfg = reference.config
     RouterReplay.clear_global_router_replay_instances()
@@ -164,9 +225,11 @@ def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, 
         rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         rotary_percent=1.0,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        parallel_output=True,
+        parallel_output=parallel_output,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
     )
-    state = megatron_state_dict(reference.state_dict(), cfg)
+    state = shard_state_dict(megatron_state_dict(reference.state_dict(), cfg), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]
     if missing or unexpected:
@@ -180,3 +243,112 @@ def load_megatron_model(path: str | os.PathLike, *, recompute: bool = False, **c
     from ..checkpoint import load_hf_checkpoint
 
     return build_megatron_model(load_hf_checkpoint(path), recompute=recompute, **config_overrides)
+
+
+# ------------------------------------------------------------------ shards <-> full tensors
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where a local parameter sits in the full (one-process) model.
+
+    ``name``: its full-model name (global decoder layer, global expert index); ``index``/``count``:
+    its shard along ``dim`` (count 1: not sharded); ``gated``: a ``linear_fc1`` of a gated MLP, whose
+    shard is ``[gate_shard; up_shard]`` (megatron chunks the local output in two halves).
+    """
+
+    name: str
+    index: int = 0
+    count: int = 1
+    dim: int = 0
+    gated: bool = False
+
+
+def shard_specs(model) -> dict[str, ShardSpec]:
+    """:class:`ShardSpec` of every parameter of a (possibly model-parallel) megatron ``GPTModel``."""
+    from megatron.core import parallel_state as ps
+
+    cfg = model.config
+    ep_rank = ps.get_expert_model_parallel_rank()
+    local_experts = cfg.num_moe_experts // ps.get_expert_model_parallel_world_size() if cfg.num_moe_experts else 0
+    out = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+        expert = "local_experts" in parts
+        if expert:
+            i = parts.index("local_experts") + 1
+            parts[i] = str(int(parts[i]) + ep_rank * local_experts)
+        count, index, dim = 1, 0, 0
+        if getattr(param, "tensor_model_parallel", False):
+            dim = param.partition_dim
+            if expert:
+                count, index = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+            else:
+                count, index = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        gated = bool(cfg.gated_linear_unit) and name.endswith("linear_fc1.weight") and count > 1
+        out[name] = ShardSpec(".".join(parts), index, count, dim, gated)
+    return out
+
+
+def shard_tensor(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    """This rank's shard of a full tensor (the inverse of :func:`unshard_tensors`)."""
+    if spec.count == 1:
+        return full
+    if spec.gated:
+        gate, up = full.chunk(2, dim=spec.dim)
+        return torch.cat([gate.chunk(spec.count, dim=spec.dim)[spec.index], up.chunk(spec.count, dim=spec.dim)[spec.index]], dim=spec.dim)
+    return full.chunk(spec.count, dim=spec.dim)[spec.index].contiguous()
+
+
+def unshard_tensors(shards: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
+    """The full tensor from its ``spec.count`` shards in shard order (the inverse of :func:`shard_tensor`)."""
+    if len(shards) != spec.count:
+        raise ValueError(f"unshard_tensors: {spec.name} needs {spec.count} shards, got {len(shards)}")
+    if spec.count == 1:
+        return shards[0]
+    if spec.gated:
+        halves = [s.chunk(2, dim=spec.dim) for s in shards]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=spec.dim), torch.cat([h[1] for h in halves], dim=spec.dim)], dim=spec.dim)
+    return torch.cat(shards, dim=spec.dim)
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """A full-model state dict (:func:`megatron_state_dict`) cut to this rank's parameters of ``model``."""
+    specs = shard_specs(model)
+    missing = [s.name for s in specs.values() if s.name not in full]
+    if missing:
+        raise ValueError(f"shard_state_dict: the full state dict has no {missing[:5]}")
+    return {local: shard_tensor(full[spec.name], spec) for local, spec in specs.items()}
+
+
+def gather_full_grads(model, full_shapes: dict[str, torch.Size], group=None) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient at full (one-process) shape, on every rank (collective over ``group``).
+
+    Each rank writes its shard of each gradient where the shard sits in the full tensor
+    (:func:`unshard_tensors` with zeros for the other shards) and one all-reduce sums over ranks:
+    shards land side by side, and copies of a replicated parameter add up. Summing copies is the
+    full gradient when every copy holds a partial one (data, context and sequence parallelism;
+    megatron's DDP and ``finalize_model_grads`` reduce exactly these), which holds here because no
+    gradient reduction has run yet. Missing gradients count as zero.
+    """
+    import torch.distributed as dist
+
+    names = sorted(full_shapes)
+    offsets, total = {}, 0
+    for n in names:
+        offsets[n] = total
+        total += int(torch.Size(full_shapes[n]).numel())
+    flat = torch.zeros(total, dtype=torch.float32)
+    for local, spec in shard_specs(model).items():
+        if spec.name not in offsets:
+            raise ValueError(f"gather_full_grads: {spec.name} (local {local}) is not in the full model")
+        param = dict(model.named_parameters())[local]
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        shards = [torch.zeros_like(grad) for _ in range(spec.count)]
+        shards[spec.index] = grad.detach().float()
+        full = unshard_tensors(shards, spec)
+        o = offsets[spec.name]
+        flat[o : o + full.numel()] += full.reshape(-1)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    return {n: flat[offsets[n] : offsets[n] + torch.Size(full_shapes[n]).numel()].view(full_shapes[n]) for n in names}

@@ -283,6 +283,11 @@ def scenario_lifecycle(out: dict) -> None:
     out["shims"] = list(shims_applied())
     out["shims_second_call"] = list(apply_cpu_shims())
     out["shims_idempotent"] = torch.cuda.current_device is current_device
+    from reference_impl.integrations.megatron_cpu import init_megatron_cpu
+
+    # joining an existing state: sizes not given are accepted as they are, sizes that differ are refused
+    out["init_again_ok"] = list(init_megatron_cpu()) == out["shims"]
+    out["init_size_mismatch"] = expected_raise(lambda: init_megatron_cpu(tensor_model_parallel_size=2), RuntimeError)
     out["instances_after_unclean_rebuild"] = len(RouterReplay.global_router_replay_instances)
     targets, _ = megatron_replay_targets(pert, tokens.shape[1])
     # Megatron's own static API is now broken for the second model:

@@ -191,11 +191,13 @@ def test_misuse_raises_instead_of_replaying_nothing(results):
     assert r["replay_after_errors_routing_map_is_trace"] is True
 
 
-def test_five_cpu_shims_are_applied_once(results):
+def test_the_cpu_shims_are_applied_once(results):
     r = scenario(results, "lifecycle")
     if r["cuda_available"]:
         assert r["shims"] == []
         return
-    assert len(r["shims"]) == 5
+    assert len(r["shims"]) == 10
     assert r["shims_second_call"] == r["shims"]
     assert r["shims_idempotent"] is True
+    assert r["init_again_ok"] is True
+    assert "tensor_model_parallel_size=1, not 2" in r["init_size_mismatch"]
