@@ -47,6 +47,8 @@ from .tasks import EOS, PAD, VOCAB_SIZE, cold_start, make_task
 __all__ = ["TrainConfig", "Trainer", "REPLAY_MODES", "plot_history"]
 
 REPLAY_MODES = ("none", "r2", "r3")
+ROLLOUT_ENGINES = ("reference", "vllm")  # vllm: a live engine, reference_impl.integrations.vllm_rollout
+TRAINER_BACKENDS = ("reference", "megatron")  # megatron: reference_impl.integrations.megatron_trainer
 #: objectives this trainer cannot feed, and why (call them directly instead)
 NEEDS_EXTRA_INPUTS = {
     "rspo": "needs per-token router shifts (objectives.router_shift over per-layer router log-probs), "
@@ -81,6 +83,9 @@ class TrainConfig:
     out_dir: str | None = None
     checkpoint_every: int = 0  # 0 = only at the end (when out_dir is set)
     progress: bool = True
+    rollout_engine: str = "reference"  # reference | vllm (real numerics: numerics fp32 | bf16)
+    trainer_backend: str = "reference"  # reference | megatron
+    vllm_prefix_caching: bool = True  # GRPO-style groups share the prompt's KV blocks (routes from the route cache)
 
     def __post_init__(self) -> None:
         if self.replay not in REPLAY_MODES:
@@ -89,6 +94,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: unknown objective {self.objective!r}; choose from {sorted(OBJECTIVES)}")
         if self.objective in NEEDS_EXTRA_INPUTS:
             raise ValueError(f"TrainConfig: objective {self.objective!r} {NEEDS_EXTRA_INPUTS[self.objective]}")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"TrainConfig: rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
+        if self.trainer_backend not in TRAINER_BACKENDS:
+            raise ValueError(f"TrainConfig: trainer_backend must be one of {TRAINER_BACKENDS}, got {self.trainer_backend!r}")
+        if self.rollout_engine == "vllm" and (self.numerics not in ("fp32", "bf16") or self.router_noise_std):
+            raise ValueError(
+                "TrainConfig: rollout_engine='vllm' runs real numerics: numerics must be fp32 or bf16 and "
+                f"router_noise_std 0 (the simulated dial is the reference engine's), got {self.numerics!r}, {self.router_noise_std}"
+            )
         n = self.num_prompts * self.group_size
         if self.num_minibatches < 1 or n % self.num_minibatches:
             raise ValueError(
@@ -111,9 +125,7 @@ class Trainer:
                 cold_start(model, self.task, steps=cfg.cold_start_steps, lr=cfg.cold_start_lr, seed=cfg.seed)
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.engine = RolloutEngine(
-            numerics=cfg.numerics, router_noise_std=cfg.router_noise_std, temperature=cfg.temperature, seed=cfg.seed
-        )
+        self.engine = _make_rollout_engine(cfg)
         self.prompt_generator = torch.Generator().manual_seed(cfg.seed + 1000)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2000)
         self.objective = OBJECTIVES[cfg.objective]
@@ -221,6 +233,7 @@ class Trainer:
             "seconds_rollout": t_rollout,
             "seconds_step": time.perf_counter() - t0,
         }
+        record.update({f"engine/{k}": v for k, v in getattr(self.engine, "stats", {}).items()})
         for key in mb_stats[0]:
             values = [s[key] for s in mb_stats if isinstance(s.get(key), (int, float))]
             if values:
@@ -258,6 +271,14 @@ class Trainer:
         plot_history({"run": self.history}, out / "metrics.png")
         self.save_checkpoint()
         return out
+
+
+def _make_rollout_engine(cfg: TrainConfig):
+    if cfg.rollout_engine == "vllm":
+        from .integrations.vllm_rollout import VllmRolloutEngine
+
+        return VllmRolloutEngine(numerics=cfg.numerics, temperature=cfg.temperature, seed=cfg.seed, enable_prefix_caching=cfg.vllm_prefix_caching)
+    return RolloutEngine(numerics=cfg.numerics, router_noise_std=cfg.router_noise_std, temperature=cfg.temperature, seed=cfg.seed)
 
 
 def plot_history(histories: dict[str, list[dict]], path, keys: tuple[str, ...] = ("reward", "kl_k3", "extreme_token_fraction", "entropy")) -> None:

