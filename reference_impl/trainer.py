@@ -115,6 +115,13 @@ class TrainConfig:
 class Trainer:
     """Runs :class:`TrainConfig`; ``history`` holds one metrics dict per global step."""
 
+    def __new__(cls, config: TrainConfig, model: MoEForCausalLM | None = None):
+        if cls is Trainer and config.trainer_backend == "megatron":  # the update runs in megatron-core
+            from .integrations.megatron_trainer import MegatronTrainer
+
+            cls = MegatronTrainer
+        return super().__new__(cls)
+
     def __init__(self, config: TrainConfig, model: MoEForCausalLM | None = None) -> None:
         self.config = cfg = config
         torch.manual_seed(cfg.seed)

@@ -160,10 +160,10 @@ class VllmRolloutEngine:
         prompt_lengths: torch.Tensor | None = None,
     ) -> RolloutBatch:
         """Sample ``group_size`` responses per prompt (``[num_prompts, P]``, right-padded if ``prompt_lengths``)."""
-        from vllm import SamplingParams
-
         if self.llm is None:
             raise RuntimeError("VllmRolloutEngine: call sync_weights(model) before generate()")
+        from vllm import SamplingParams
+
         if group_size < 1 or max_new_tokens < 1:
             raise ConfigError(f"VllmRolloutEngine: group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
         num_prompts, width = prompts.shape

@@ -113,11 +113,12 @@ RL_CONFIG = {
     "rollout_engine": "vllm",
     "numerics": "bf16",
     "replay": "r3",
+    "num_digits": 3,  # sort 3 digits: learns within 30 steps (reward ~0.26 -> ~0.49 with the reference engine)
     "steps": 30,
     "num_prompts": 16,
     "group_size": 8,
     "lr": 1e-3,
-    "cold_start_steps": 30,
+    "cold_start_steps": 20,
     "router_init_std": 0.02,  # near-tie routers: bf16 flips some routes
     "progress": False,
     "seed": 0,
