@@ -119,8 +119,9 @@ class MegatronTrainer(Trainer):
         for idx in self.minibatches(batch.num_sequences):
             sub = batch.select(idx)
             sub_old_trace = RoutingTrace.concatenate(old_parts[i] for i in idx.tolist())
+            # --8<-- [start:megatron-update]
             replayed = {"none": None, "r2": sub_old_trace, "r3": sub.rollout_trace}[cfg.replay]
-            out, current = self._forward(sub, replayed)
+            out, current = self._forward(sub, replayed)  # RouterReplay: REPLAY_FORWARD, or RECORD when native
             logp = out.logprobs
             loss, stats = self.objective(
                 logp, old_logp[idx, : logp.shape[1]], sub.rollout_logp, advantages[idx], sub.mask, **cfg.objective_kwargs
@@ -129,6 +130,7 @@ class MegatronTrainer(Trainer):
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.mcore.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            # --8<-- [end:megatron-update]
             stats = dict(stats)
             stats["loss"] = float(loss.detach())
             stats["grad_norm"] = float(grad_norm)

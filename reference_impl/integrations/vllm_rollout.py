@@ -116,11 +116,13 @@ class VllmRolloutEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (build it on the first call)."""
         t0 = time.perf_counter()
+        # --8<-- [start:rl-sync]
         if self.llm is None:
-            self._build(model)
+            self._build(model)  # the first call writes a checkpoint and builds the engine
             self.stats["seconds_build"] = time.perf_counter() - t0
-        else:
+        else:  # the full state dict, in place; then vLLM's prefix cache and the route cache are reset
             sync_weights(self.llm, {k: v.detach().float() for k, v in model.state_dict().items()})
+        # --8<-- [end:rl-sync]
         self.syncs += 1
         self.stats["seconds_sync"] = time.perf_counter() - t0
 
@@ -178,6 +180,7 @@ class VllmRolloutEngine:
         )
         if longest + max_new_tokens > self.max_model_len:
             raise ConfigError(f"VllmRolloutEngine: prompt {longest} + {max_new_tokens} new tokens exceed max_model_len={self.max_model_len}")
+        # --8<-- [start:rl-sample]
         group_ids = torch.arange(num_prompts).repeat_interleave(group_size)
         seeds = torch.randint(0, 2**31 - 1, (len(group_ids),), generator=self.generator).tolist()
         params = [
@@ -193,6 +196,7 @@ class VllmRolloutEngine:
             route_cache=self.enable_prefix_caching,
         )
         batch = to_rollout_batch(samples, group_ids, pad_id=pad_id)
+        # --8<-- [end:rl-sample]
         self.stats.update(
             seconds_sample=time.perf_counter() - t0,
             cached_tokens=sum(s.num_cached_tokens for s in samples),

@@ -51,25 +51,67 @@ def _external_request_id(worker_req_id: str) -> str:
 
 
 class _RequestRows:
-    """One request's captured rows, indexed by token position (re-forwarded positions overwrite)."""
+    """One request's captured rows: a view of its slot in :class:`_RowStore` (re-forwarded positions overwrite)."""
 
-    def __init__(self, num_layers: int, top_k: int) -> None:
-        self.ids = np.zeros((64, num_layers, top_k), dtype=np.int32)
-        self.filled = np.zeros(64, dtype=bool)
-        self.overwritten = 0
-        self.seen = False  # set after the first step that forwarded this request
+    def __init__(self, store: "_RowStore", slot: int) -> None:
+        self.store, self.slot = store, slot
         self.block_keys: list[bytes] = []  # chain keys of the leading full blocks published or filled
         self.from_cache = 0  # rows filled from the route cache (prefix-cache hits)
 
-    def write(self, positions: np.ndarray, rows: np.ndarray) -> None:
+    @property
+    def ids(self) -> np.ndarray:
+        return self.store.ids[self.slot]
+
+    @property
+    def filled(self) -> np.ndarray:
+        return self.store.filled[self.slot]
+
+    @property
+    def overwritten(self) -> int:
+        return int(self.store.overwritten[self.slot])
+
+
+class _RowStore:
+    """Every live request's rows in one array ``[slots, positions, L, k]`` so a step is written in one go.
+
+    A request gets a slot the first time it is forwarded and gives it back when its rows are
+    collected; the arrays grow (doubling) when a slot or a position does not fit.
+    """
+
+    def __init__(self, num_layers: int, top_k: int, slots: int = 8, positions: int = 64) -> None:
+        self.ids = np.zeros((slots, positions, num_layers, top_k), dtype=np.int16)
+        self.filled = np.zeros((slots, positions), dtype=bool)
+        self.overwritten = np.zeros(slots, dtype=np.int64)
+        self.free = list(range(slots - 1, -1, -1))
+
+    def _grow(self, slots: int, positions: int) -> None:
+        old_slots, old_positions = self.filled.shape
+        slots, positions = max(slots, old_slots), max(positions, old_positions)
+        ids = np.zeros((slots, positions, *self.ids.shape[2:]), dtype=self.ids.dtype)
+        filled = np.zeros((slots, positions), dtype=bool)
+        ids[:old_slots, :old_positions], filled[:old_slots, :old_positions] = self.ids, self.filled
+        self.ids, self.filled = ids, filled
+        self.overwritten = np.concatenate([self.overwritten, np.zeros(slots - old_slots, dtype=np.int64)])
+        self.free = list(range(slots - 1, old_slots - 1, -1)) + self.free
+
+    def alloc(self) -> int:
+        if not self.free:
+            self._grow(2 * self.filled.shape[0], 0)
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        self.filled[slot] = False
+        self.overwritten[slot] = 0
+        self.free.append(slot)
+
+    def write(self, slots: np.ndarray, positions: np.ndarray, rows: np.ndarray) -> None:
+        """Row ``i`` goes to ``(slots[i], positions[i])``: one fancy-indexed write for the whole step."""
         need = int(positions.max()) + 1
-        if need > len(self.filled):
-            cap = max(need, 2 * len(self.filled))
-            self.ids = np.concatenate([self.ids, np.zeros((cap - len(self.ids), *self.ids.shape[1:]), self.ids.dtype)])
-            self.filled = np.concatenate([self.filled, np.zeros(cap - len(self.filled), dtype=bool)])
-        self.overwritten += int(self.filled[positions].sum())
-        self.ids[positions] = rows
-        self.filled[positions] = True
+        if need > self.filled.shape[1]:
+            self._grow(0, max(need, 2 * self.filled.shape[1]))
+        self.overwritten += np.bincount(slots, weights=self.filled[slots, positions], minlength=len(self.overwritten)).astype(np.int64)
+        self.ids[slots, positions] = rows
+        self.filled[slots, positions] = True
 
 
 class _RouteCache:
@@ -138,20 +180,32 @@ class _StepCapturer:
         self.num_experts = 0
         self.prefix_caching = False
         self.step: dict[int, torch.Tensor] = {}
+        self.store: _RowStore | None = None
         self.requests: dict[str, _RequestRows] = {}
+        self.slot_of: dict[str, int] = {}
         self.errors: list[str] = []
         self.route_cache: _RouteCache | None = None  # set while capture runs with the route cache on
 
+    def reset(self) -> None:
+        """Forget every request's rows (a new capture begins)."""
+        self.requests.clear()
+        self.slot_of.clear()
+        self.store = None
+        self.errors.clear()
+
     def capture(self, layer_id: int, topk_ids: torch.Tensor) -> None:
         if self.active:
-            self.step[layer_id] = topk_ids.detach().to("cpu", torch.int32, copy=True)
+            self.step[layer_id] = topk_ids.detach().to("cpu", torch.int16, copy=True)
 
     def end_step(self, req_ids: list[str], num_scheduled: list[int], positions: np.ndarray, tokens_of=None) -> None:
-        """Assign the step's rows to requests by position; with the route cache on, publish and fill blocks.
+        """Assign the step's rows to requests by position, in one vectorized write; with the route cache on, publish and fill blocks.
 
+        Python work per step is a dict lookup per scheduled request; anything more runs only for
+        requests seen for the first time and for KV blocks completed in this step.
         ``tokens_of(req_id) -> np.ndarray`` gives a request's token ids so far (needed by the route cache).
         """
-        total = sum(num_scheduled)
+        counts = np.asarray(num_scheduled, dtype=np.int64)
+        total = int(counts.sum())
         if total == 0:
             return
         if set(self.step) != set(self.layer_index) or any(t.shape[0] < total for t in self.step.values()):
@@ -159,25 +213,32 @@ class _StepCapturer:
             self.errors.append(f"a step of {total} tokens captured rows {got} for MoE layers {sorted(self.layer_index)}")
             return
         ids = torch.stack([self.step[layer][:total] for layer in sorted(self.layer_index)], dim=1).numpy()
-        start = 0
-        fresh = []  # requests forwarded for the first time, starting after a cached prefix
-        for rid, count in zip(req_ids, num_scheduled):
-            if count:
-                rows = self.requests.get(rid)
-                if rows is None:
-                    rows = self.requests[rid] = _RequestRows(len(self.layer_index), self.top_k)
-                if not rows.seen and positions[start] > 0:
-                    fresh.append((rid, int(positions[start])))
-                rows.seen = True
-                rows.write(positions[start : start + count], ids[start : start + count])
-            start += count
-        if self.route_cache is not None and tokens_of is not None:
-            # publish every block completed in this step before serving any hit: a request can hit
-            # a block that another request of the same step is computing
-            scheduled = [rid for rid, count in zip(req_ids, num_scheduled) if count]
-            for rid in scheduled:
+        if self.store is None:
+            self.store = _RowStore(ids.shape[1], ids.shape[2])
+        new = sorted(set(req_ids).difference(self.requests), key=req_ids.index)
+        for rid in new:
+            self.requests[rid] = _RequestRows(self.store, self.store.alloc())
+            self.slot_of[rid] = self.requests[rid].slot
+        slots = np.fromiter(map(self.slot_of.__getitem__, req_ids), dtype=np.int64, count=len(req_ids))
+        row_slots = np.repeat(slots, counts)
+        positions = np.asarray(positions, dtype=np.int64)[:total]
+        self.store.write(row_slots, positions, ids)
+        if self.route_cache is None or tokens_of is None:
+            return
+        # publish every block completed in this step before serving any hit: a request can hit
+        # a block that another request of the same step is computing
+        bs = self.route_cache.block_size
+        completed = np.flatnonzero((positions + 1) % bs == 0)
+        if len(completed):
+            slot_to_rid = {slot: rid for rid, slot in self.slot_of.items()}
+            for slot in np.unique(row_slots[completed]).tolist():
+                rid = slot_to_rid[slot]
                 self._publish(self.requests[rid], tokens_of(rid))
-            for rid, first in fresh:
+        starts = np.cumsum(counts) - counts
+        for rid in new:
+            i = req_ids.index(rid)
+            first = int(positions[starts[i]]) if counts[i] else 0
+            if first > 0:  # started after a prefix-cache hit
                 tokens = tokens_of(rid)
                 self._fill(self.requests[rid], tokens, first)
                 self._publish(self.requests[rid], tokens)
@@ -185,13 +246,14 @@ class _StepCapturer:
     def _publish(self, rows: _RequestRows, tokens: np.ndarray) -> None:
         """Store the routes of ``rows``' leading full blocks that are not stored yet."""
         cache, bs = self.route_cache, self.route_cache.block_size
-        unfilled = np.flatnonzero(~rows.filled)
-        lead = int(unfilled[0]) if len(unfilled) else len(rows.filled)
-        for b in range(len(rows.block_keys), min(lead, len(tokens)) // bs):
+        filled = rows.filled
+        b = len(rows.block_keys)
+        while (b + 1) * bs <= len(tokens) and (b + 1) * bs <= len(filled) and filled[b * bs : (b + 1) * bs].all():
             parent = rows.block_keys[-1] if rows.block_keys else b""
             key = cache.key(parent, tokens[b * bs : (b + 1) * bs])
             cache.put(key, rows.ids[b * bs : (b + 1) * bs])
             rows.block_keys.append(key)
+            b += 1
 
     def _fill(self, rows: _RequestRows, tokens: np.ndarray, first: int) -> None:
         """Fill positions ``0 .. first-1`` (skipped by a prefix-cache hit) from the route cache, block by block."""
@@ -203,7 +265,7 @@ class _StepCapturer:
             if cached is None:
                 return  # the rest stays unfilled: invalid rows, counted by the client
             positions = np.arange(b * bs, (b + 1) * bs)
-            rows.write(positions, cached)
+            self.store.write(np.full(bs, rows.slot), positions, cached)
             rows.from_cache += bs
             rows.block_keys.append(key)
             parent = key
@@ -382,8 +444,7 @@ class RouteCaptureExtension:
         if not layer_ids:
             raise RuntimeError("route capture: bind_routed_experts_capturer bound no MoE layer")
         capturer.layer_index = {layer: i for i, layer in enumerate(layer_ids)}
-        capturer.requests.clear()
-        capturer.errors.clear()
+        capturer.reset()
         capturer.route_cache = self._route_cache_get() if route_cache and capturer.prefix_caching else None
         capturer.enabled = True
         return {
@@ -410,16 +471,19 @@ class RouteCaptureExtension:
             if worker_id is None:
                 continue
             rows = capturer.requests.pop(worker_id)
-            used = int(np.nonzero(rows.filled)[0].max()) + 1 if rows.filled.any() else 0
+            capturer.slot_of.pop(worker_id)
+            filled = rows.filled
+            used = int(np.flatnonzero(filled)[-1]) + 1 if filled.any() else 0
             # Plain bytes: with VLLM_ENABLE_V1_MULTIPROCESSING=1 the reply crosses a process
             # boundary through vLLM's msgpack encoder, which turns numpy arrays into lists.
             out[rid] = {
-                "ids": rows.ids[:used].astype(np.int16).tobytes(),
+                "ids": rows.ids[:used].tobytes(),
                 "shape": [used, *rows.ids.shape[1:]],
-                "filled": rows.filled[:used].tobytes(),
+                "filled": filled[:used].tobytes(),
                 "overwritten": rows.overwritten,
                 "from_cache": rows.from_cache,
             }
+            capturer.store.release(rows.slot)
         return out
 
     # ------------------------------------------------------------------ route cache
@@ -475,5 +539,5 @@ class RouteCaptureExtension:
             return
         capturer.enabled = False
         capturer.route_cache = None
-        capturer.requests.clear()
+        capturer.reset()
         _unbind(self.model_runner.get_model(), capturer)

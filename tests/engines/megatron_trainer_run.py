@@ -2,7 +2,7 @@
 
 Two trainers start from the same weights (same seed and cold start); each step the reference
 trainer samples one batch and both recompute π_θold and update on it (the same mini-batch order:
-same shuffle seed). Written per step (two steps: over more, AdamW's
+same shuffle seed). Written per step (two steps: over more the two drift apart,
 near-sign steps on near-zero gradients let fp32 rounding differences grow): max |Δ old_logp| over response tokens, the per-mini-batch
 losses of both, and after the last step the reference model's log-probs against the exported
 Megatron weights' (the weight export that feeds the rollout engine).
