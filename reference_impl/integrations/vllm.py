@@ -18,7 +18,6 @@ from __future__ import annotations
 from .vllm_client import *  # noqa: F401,F403
 from .vllm_client import __all__ as _client_all
 from .vllm_worker import *  # noqa: F401,F403
-from .vllm_client import _prepare_params  # noqa: F401  (tests reach it)
 from .vllm_worker import _StepCapturer, _external_request_id  # noqa: F401  (tests reach these)
 from .vllm_worker import __all__ as _worker_all
 
