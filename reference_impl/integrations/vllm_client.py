@@ -48,9 +48,12 @@ Pitfalls (each checked or refused here)
 
 * **Prefix caching** skips the forward of cached prompt positions, so they get no routes (seen: a
   repeated 440-token prompt came back with rows for positions 384..442 only). The capture path
-  refuses an engine with ``enable_prefix_caching=True`` unless you pass
-  ``on_missing_rows="invalid"``, which keeps those rows in the trace marked invalid (replay routes
-  them natively and counts them). :func:`make_llm` turns prefix caching off.
+  refuses an engine with ``enable_prefix_caching=True`` unless you pass ``route_cache=True`` (the
+  worker fills cached positions from its route cache, keyed by the block-hash chain of the prefix;
+  :mod:`reference_impl.integrations.vllm_worker`) or ``on_missing_rows="invalid"``, which keeps
+  missing rows in the trace marked invalid (replay routes them natively and counts them).
+  :func:`make_llm` turns prefix caching off; the RL loop's engine
+  (:mod:`reference_impl.integrations.vllm_rollout`) turns it on with the route cache.
 * **Missing or extra rows**: every sequence is checked to end with exactly ``n - 1`` captured rows;
   anything else raises (or, with ``on_missing_rows="invalid"``, missing rows become invalid rows).
 * **Preemption** (recompute mode) re-forwards positions; rows are overwritten by position.
