@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SCRIPTS = ["replay_overhead.py", "logprob_memory.py", "megatron_replay.py", "megatron_parallel_parity.py", "megatron_parallel_replay.py", "rollout_throughput.py", "vllm_capture.py", "mismatch_table.py"]
+SCRIPTS = ["replay_overhead.py", "logprob_memory.py", "megatron_replay.py", "megatron_parallel_parity.py", "megatron_parallel_replay.py", "rollout_throughput.py", "vllm_capture.py", "vllm_rl_loop.py", "mismatch_table.py"]
 
 
 def run_benchmarks() -> None:
@@ -82,6 +82,23 @@ def render() -> str:
         rows.append((f"rollout tokens/s, tiny Qwen3-MoE, batch {rt['settings']['batch']}, fp32",
                      f"reference engine {ref['tokens_per_s']:.0f}; vLLM {v['version']} {v['tokens_per_s_no_capture']:.0f} "
                      f"(with route capture {v['tokens_per_s_capture']:.0f}, ratio {v['ratio_capture_over_no_capture']:.3f})"))
+    rl = _load("vllm_rl_loop.json")
+    if rl:
+        for name, label in (("tiny", "tiny Qwen3-MoE"), ("big", "hidden 512, 8 layers, 64 experts, top-8")):
+            c = rl["capture"][name]
+            rows.append((f"vLLM {rl['vllm']} route capture, {label}, batch {c['batch']}, fp32 (medians)",
+                         f"capture/no capture {c['ratio_capture_over_no_capture']:.3f} "
+                         f"({c['median_tokens_per_s_capture']:.0f} vs {c['median_tokens_per_s_no_capture']:.0f} tok/s)"))
+        pc = rl["prefix_caching"]
+        rows.append((f"vLLM prefix caching + capture, 8 prompts × 8 samples of {pc['prompt_len']} tokens (medians)",
+                     f"caching on/off {pc['ratio_on_over_off']:.2f}× ({pc['median_tokens_per_s_on']:.0f} vs {pc['median_tokens_per_s_off']:.0f} tok/s); "
+                     f"{pc['info']['caching_on']['rows_from_cache']} rows from the route cache, {pc['info']['caching_on']['invalid_rows']} invalid; "
+                     f"identical tokens: {pc['identical_tokens']}"))
+        st = rl["rl_step"]
+        m = st["median_seconds"]
+        cfg = st["config"]
+        rows.append((f"one RL step, vLLM bf16 rollouts + fp32 trainer, R3, {cfg['num_prompts']}×{cfg['group_size']} (medians)",
+                     f"{m['step']:.2f} s: sample {m['sample']:.3f}, sync {m['sync']:.3f}, recompute {m['recompute']:.3f}, update {m['update']:.3f} s"))
     lm = _load("logprob_memory.json")
     if lm:
         for r in lm["results"]:

@@ -4,6 +4,7 @@
 
     python -m reference_impl train --task sort --replay r3 --numerics bf16 --steps 50 --out-dir runs/r3
     python -m reference_impl train --config my_experiment.json --seed 1
+    python -m reference_impl train --rollout-engine vllm --numerics bf16 --replay r3 --steps 20
     python -m reference_impl train --resume runs/r3            # continue a killed run exactly
 
 An ``--out-dir`` that already holds a run is refused unless ``--resume`` or ``--overwrite`` is given.
@@ -46,7 +47,11 @@ def _add_train_parser(sub) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        if f.name == "objective_kwargs":
+        if f.name == "trainer_backend":
+            p.add_argument("--trainer", "--trainer-backend", dest=f.name, choices=["reference", "megatron"], default=None)
+        elif f.name == "rollout_engine":
+            p.add_argument(flag, choices=["reference", "vllm"], default=None, help="vllm: a live vLLM engine, weights synced every step")
+        elif f.name == "objective_kwargs":
             p.add_argument(flag, type=json.loads, default=None, help='JSON object, e.g. \'{"tis_cap": 2}\'')
         elif kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)

@@ -65,6 +65,8 @@ REPLAY_MODES = ("none", "r2", "r3")
 TRAINER_INPUTS = ("logp", "old_logp", "rollout_logp", "advantages", "mask", "router_shift")
 #: what the native probe (``TrainConfig.native_probe``) logs per mini-batch, under ``update/<name>``
 PROBE_METRICS = ("stale_route_flip", "stale_logp_gap", "replay_route_gap", "replay_logp_gap")
+ROLLOUT_ENGINES = ("reference", "vllm")  # vllm: a live engine, reference_impl.integrations.vllm_rollout
+TRAINER_BACKENDS = ("reference", "megatron")  # megatron: reference_impl.integrations.megatron_trainer
 
 
 # --8<-- [start:train-config]
@@ -95,6 +97,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end (when out_dir is set)
     progress: bool = True
     native_probe: bool = False  # one extra no-grad native forward per mini-batch: stale flip, replay gap
+    rollout_engine: str = "reference"  # reference | vllm (real numerics: numerics fp32 | bf16)
+    trainer_backend: str = "reference"  # reference | megatron
+    vllm_prefix_caching: bool = True  # GRPO-style groups share the prompt's KV blocks (routes from the route cache)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -126,6 +131,13 @@ class TrainConfig:
             need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
         need(isinstance(self.objective_kwargs, dict), f"objective_kwargs must be a dict, got {type(self.objective_kwargs).__name__}")
         _check_objective_kwargs(self.objective, self.objective_kwargs)
+        need(self.rollout_engine in ROLLOUT_ENGINES, f"rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
+        need(self.trainer_backend in TRAINER_BACKENDS, f"trainer_backend must be one of {TRAINER_BACKENDS}, got {self.trainer_backend!r}")
+        need(
+            self.rollout_engine != "vllm" or (self.numerics in ("fp32", "bf16") and not self.router_noise_std),
+            "rollout_engine='vllm' runs real numerics: numerics must be fp32 or bf16 and "
+            f"router_noise_std 0 (the simulated dial is the reference engine's), got {self.numerics!r}, {self.router_noise_std}",
+        )
         n = self.num_prompts * self.group_size
         need(
             n % self.num_minibatches == 0,
@@ -243,6 +255,13 @@ def _router_logp(out, batch: int, seq_len: int) -> torch.Tensor:
 class Trainer:
     """Runs :class:`TrainConfig`; ``history`` holds one metrics dict per global step."""
 
+    def __new__(cls, config: TrainConfig, model: MoEForCausalLM | None = None):
+        if cls is Trainer and config.trainer_backend == "megatron":  # the update runs in megatron-core
+            from .integrations.megatron_trainer import MegatronTrainer
+
+            cls = MegatronTrainer
+        return super().__new__(cls)
+
     def __init__(self, config: TrainConfig, model: MoEForCausalLM | None = None) -> None:
         self.config = cfg = config
         self.task = make_task(cfg.task, cfg.num_digits)
@@ -254,9 +273,7 @@ class Trainer:
                 cold_start(model, self.task, steps=cfg.cold_start_steps, lr=cfg.cold_start_lr, seed=cfg.seed)
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.engine = RolloutEngine(
-            numerics=cfg.numerics, router_noise_std=cfg.router_noise_std, temperature=cfg.temperature, seed=cfg.seed
-        )
+        self.engine = _make_rollout_engine(cfg)
         self.prompt_generator = torch.Generator().manual_seed(cfg.seed + 1000)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2000)
         self.objective = OBJECTIVES[cfg.objective]
@@ -431,6 +448,7 @@ class Trainer:
             "seconds_rollout": t_rollout,
             "seconds_step": time.perf_counter() - t0,
         }
+        record.update({f"engine/{k}": v for k, v in getattr(self.engine, "stats", {}).items()})
         for key in mb_stats[0]:
             values = [s[key] for s in mb_stats if isinstance(s.get(key), (int, float))]
             if values:
@@ -491,6 +509,14 @@ class Trainer:
         plot_history({"run": self.history}, out / "metrics.png")
         self.save_checkpoint()
         return out
+
+
+def _make_rollout_engine(cfg: TrainConfig):
+    if cfg.rollout_engine == "vllm":
+        from .integrations.vllm_rollout import VllmRolloutEngine
+
+        return VllmRolloutEngine(numerics=cfg.numerics, temperature=cfg.temperature, seed=cfg.seed, enable_prefix_caching=cfg.vllm_prefix_caching)
+    return RolloutEngine(numerics=cfg.numerics, router_noise_std=cfg.router_noise_std, temperature=cfg.temperature, seed=cfg.seed)
 
 
 def plot_history(histories: dict[str, list[dict]], path, keys: tuple[str, ...] = ("reward", "kl_k3", "extreme_token_fraction", "entropy")) -> None:

@@ -48,9 +48,12 @@ Pitfalls (each checked or refused here)
 
 * **Prefix caching** skips the forward of cached prompt positions, so they get no routes (seen: a
   repeated 440-token prompt came back with rows for positions 384..442 only). The capture path
-  refuses an engine with ``enable_prefix_caching=True`` unless you pass
-  ``on_missing_rows="invalid"``, which keeps those rows in the trace marked invalid (replay routes
-  them natively and counts them). :func:`make_llm` turns prefix caching off.
+  refuses an engine with ``enable_prefix_caching=True`` unless you pass ``route_cache=True`` (the
+  worker fills cached positions from its route cache, keyed by the block-hash chain of the prefix;
+  :mod:`reference_impl.integrations.vllm_worker`) or ``on_missing_rows="invalid"``, which keeps
+  missing rows in the trace marked invalid (replay routes them natively and counts them).
+  :func:`make_llm` turns prefix caching off; the RL loop's engine
+  (:mod:`reference_impl.integrations.vllm_rollout`) turns it on with the route cache.
 * **Missing or extra rows**: every sequence is checked to end with exactly ``n - 1`` captured rows;
   anything else raises (or, with ``on_missing_rows="invalid"``, missing rows become invalid rows).
 * **Preemption** (recompute mode) re-forwards positions; rows are overwritten by position.
@@ -97,6 +100,8 @@ __all__ = [
     "to_rollout_batch",
     "routed_experts_to_trace",
     "sample_from_request_output",
+    "reset_prefix_cache",
+    "sync_weights",
 ]
 
 #: The worker extension class, by import path (vLLM imports it inside its worker process).
@@ -221,6 +226,33 @@ def _uses_official_path(llm: Any) -> bool:
     return bool(getattr(aux, "enable_return_routed_experts", False))
 
 
+# ========================================================================= weight sync
+def reset_prefix_cache(llm: Any) -> None:
+    """Reset vLLM's prefix cache and the worker's route cache together (a reset of one alone serves stale KV or routes)."""
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
+    llm.collective_rpc("route_cache_clear")
+
+
+def sync_weights(llm: Any, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Load a full state dict (Qwen3-MoE names, any float dtype) into a live engine built by :func:`make_llm`.
+
+    Always send every tensor: a partial update is silently wrong unless it covers whole vLLM layers.
+    The worker writes the MoE experts in the CPU kernel's prepacked layout and reloads the rest
+    (:meth:`~reference_impl.integrations.vllm_worker.RouteCaptureExtension.route_sync_weights`);
+    then vLLM's prefix cache and the route cache are reset, since a reload does not reset the KV
+    cache (seen: 256 stale cached tokens of a 300-token prompt reused, log-prob error 1.07).
+    The tensors cross ``collective_rpc`` as safetensors bytes, which works with vLLM
+    multiprocessing on or off.
+    """
+    from safetensors.torch import save
+
+    payload = save({k: v.detach().contiguous() for k, v in state_dict.items()})
+    info = llm.collective_rpc("route_sync_weights", args=(payload,))[0]
+    reset_prefix_cache(llm)
+    return info
+
+
 # ========================================================================= generation
 def generate_with_routes(
     llm: Any,
@@ -230,6 +262,7 @@ def generate_with_routes(
     prompt_logprobs: bool = False,
     on_missing_rows: str = "error",
     use_tqdm: bool = False,
+    route_cache: bool = False,
 ) -> list[VllmSample]:
     """Generate from token-id prompts and return tokens, μ_old log-probs and routes per sequence.
 
@@ -244,6 +277,10 @@ def generate_with_routes(
         on_missing_rows: ``"error"`` (default) raises if a routed row is missing, and refuses an
             engine with prefix caching on; ``"invalid"`` keeps missing rows as invalid trace rows.
         use_tqdm: vLLM's progress bar.
+        route_cache: with prefix caching on, fill the positions a prefix-cache hit skips from the
+            worker's route cache (routes of full KV blocks keyed by the block-hash chain of the
+            prefix; cleared by :func:`reset_prefix_cache` and by weight sync). A position whose
+            route is not there is still missing (``on_missing_rows`` decides).
 
     Returns:
         one :class:`VllmSample` per prompt, in prompt order.
@@ -271,18 +308,19 @@ def generate_with_routes(
         return samples
 
     try:
-        info = llm.collective_rpc("route_capture_begin")[0]
+        info = llm.collective_rpc("route_capture_begin", kwargs={"route_cache": route_cache})[0]
     except AttributeError as exc:
         raise RuntimeError(
             "generate_with_routes: the engine has no route capture; build it with make_llm(...) or "
             f"vllm.LLM(..., worker_extension_cls={EXTENSION!r})"
         ) from exc
-    if info["prefix_caching"] and on_missing_rows == "error":
+    if info["prefix_caching"] and not info["route_cache"] and on_missing_rows == "error":
         llm.collective_rpc("route_capture_end")
         raise ValueError(
             "generate_with_routes: prefix caching is on, so cached prompt positions are never forwarded and "
-            "get no routes; build the engine with enable_prefix_caching=False (make_llm does), or pass "
-            "on_missing_rows='invalid' to keep those rows as invalid trace rows"
+            "get no routes; build the engine with enable_prefix_caching=False (make_llm does), pass "
+            "route_cache=True to fill them from the worker's route cache, or on_missing_rows='invalid' to keep "
+            "those rows as invalid trace rows"
         )
     try:
         outputs = llm.generate(inputs, params, use_tqdm=use_tqdm)
@@ -304,7 +342,7 @@ def generate_with_routes(
             "filled": np.frombuffer(rec["filled"], dtype=bool),
         }
         trace = _trace_from_capture(rid, arrays, n, num_experts, on_missing_rows)
-        stats = {"rows_overwritten": int(rec["overwritten"]), "rows_missing": trace.num_invalid}
+        stats = {"rows_overwritten": int(rec["overwritten"]), "rows_missing": trace.num_invalid, "rows_from_cache": int(rec["from_cache"])}
         samples.append(sample_from_request_output(out, trace, stats=stats))
     return samples
 
