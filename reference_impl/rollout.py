@@ -64,13 +64,14 @@ class RolloutBatch:
             out[i, :r] = self.tokens[i, p : p + r]
         return out
 
-    def save(self, path) -> None:
+    def save(self, path, packed: bool = True) -> None:
         """Write the batch (tokens, log-probs, mask, routes) to one safetensors file, never pickle.
 
         This is the exchange format of ``python -m reference_impl compare``: build a
         :class:`RolloutBatch` from any engine's output (see :mod:`reference_impl.converters`) and save it.
+        The routes are packed (trace version ``"2"``) unless ``packed=False``.
         """
-        tensors, meta = self.rollout_trace.to_tensors(prefix="trace.")
+        tensors, meta = self.rollout_trace.to_tensors(prefix="trace.", packed=packed)
         for name in _BATCH_TENSORS:
             tensors[name] = getattr(self, name).contiguous()
         meta["format"] = _BATCH_FORMAT
@@ -83,7 +84,7 @@ class RolloutBatch:
         missing = [n for n in _BATCH_TENSORS if n not in tensors]
         if missing:
             raise ValueError(f"RolloutBatch.load: file lacks tensors {missing}")
-        trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.")
+        trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.", source=f"RolloutBatch.load({str(path)!r})")
         batch = RolloutBatch(**{n: tensors[n] for n in _BATCH_TENSORS}, rollout_trace=trace)
         batch.validate()
         return batch

@@ -26,6 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import TraceFormatError
+from .trace_packing import decode_sets, encode_sets, packed_layout
+
 __all__ = [
     "RoutingTrace",
     "RoutingAgreement",
@@ -37,7 +40,9 @@ __all__ = [
 #: Largest expert count a trace can store (ids 0 .. 32766 fit in int16).
 MAX_NUM_EXPERTS = 32767
 _FORMAT_NAME = "reference_impl.RoutingTrace"
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "1"  # plain compact expert_ids
+_PACKED_VERSION = "2"  # packed_ids at the information bound (reference_impl.trace_packing)
+_RESERVED_KEYS = ("format", "version", "num_experts", "num_layers", "top_k", "packing")
 
 
 # --8<-- [start:compact-dtype]
@@ -148,16 +153,24 @@ class RoutingTrace:
                 f"RoutingTrace: rows_per_seq sums to {sum(rows_per_seq)} but expert_ids has {num_tokens} rows"
             )
 
-        ids = expert_ids.to(torch.int64)
-        _check_ids(ids, valid, num_experts)
-        # Invalid rows get a canonical filler (0..k-1): the compact tensor never carries sentinels.
-        filler = torch.arange(top_k, dtype=torch.int64).expand(num_layers, top_k)
-        ids = torch.where(valid[:, None, None], ids, filler)
+        _check_ids(expert_ids, valid, num_experts)
+        self._set(expert_ids.to(dtype, copy=True), num_experts, valid, rows_per_seq)
 
-        self.expert_ids: torch.Tensor = ids.to(dtype)
+    def _set(self, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: tuple[int, ...]) -> None:
+        """Store checked compact ids (in place: invalid rows get the canonical filler 0..k-1, never a sentinel)."""
+        if not bool(valid.all()):
+            ids[~valid] = torch.arange(ids.shape[2], dtype=ids.dtype)
+        self.expert_ids: torch.Tensor = ids
         self.valid: torch.Tensor = valid
         self.num_experts: int = num_experts
         self.rows_per_seq: tuple[int, ...] = rows_per_seq
+
+    @classmethod
+    def _from_checked(cls, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: Sequence[int]) -> "RoutingTrace":
+        """Wrap compact ids whose rows are already known to be valid sets (a packed decode proves it)."""
+        trace = cls.__new__(cls)
+        trace._set(ids, num_experts, valid, tuple(int(r) for r in rows_per_seq))
+        return trace
 
     # ------------------------------------------------------------------ shape
     @property
@@ -188,13 +201,15 @@ class RoutingTrace:
         )
 
     def __eq__(self, other: object) -> bool:
+        """Same experts, boundaries, validity and top-k *sets* per row (order within a row is ignored)."""
         if not isinstance(other, RoutingTrace):
             return NotImplemented
         return (
             self.num_experts == other.num_experts
             and self.rows_per_seq == other.rows_per_seq
+            and self.expert_ids.shape == other.expert_ids.shape
             and torch.equal(self.valid, other.valid)
-            and torch.equal(self.expert_ids, other.expert_ids)
+            and torch.equal(self.expert_ids.sort(dim=-1).values, other.expert_ids.sort(dim=-1).values)
         )
 
     # ------------------------------------------------------------ validation
@@ -339,51 +354,88 @@ class RoutingTrace:
     # --8<-- [end:agreement]
 
     # ---------------------------------------------------------- persistence
-    def to_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The on-disk layout (the only one): tensors and metadata, names prefixed by ``prefix``.
+    # --8<-- [start:to-tensors]
+    def to_tensors(self, prefix: str = "", packed: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The on-disk layout: tensors and metadata, names prefixed by ``prefix``.
 
-        ``expert_ids`` in the compact dtype, ``rows_per_seq`` (int64 per sequence) and
-        ``invalid_rows`` (int64 indices of invalid rows; empty when all rows are valid).
+        Both versions store ``rows_per_seq`` (int64 per sequence) and ``invalid_rows`` (int64
+        indices of invalid rows; empty when all rows are valid). Version ``"2"`` (``packed=True``,
+        the default) stores the ids as ``packed_ids``, uint8 bytes of
+        :func:`reference_impl.trace_packing.encode_sets` (one rank or k ids per (token, layer)
+        row, token-major), with ``num_layers``, ``top_k`` and ``packing`` in the metadata.
+        Version ``"1"`` stores ``expert_ids`` in the compact dtype.
         """
         tensors = {
-            prefix + "expert_ids": self.expert_ids.contiguous(),
             prefix + "rows_per_seq": torch.tensor(self.rows_per_seq, dtype=torch.int64),
             prefix + "invalid_rows": torch.nonzero(~self.valid).flatten().to(torch.int64),
         }
-        meta = {"format": _FORMAT_NAME, "version": _FORMAT_VERSION, prefix + "num_experts": str(self.num_experts)}
-        return tensors, meta
+        meta = {"format": _FORMAT_NAME, prefix + "num_experts": str(self.num_experts)}
+        if not packed:
+            tensors[prefix + "expert_ids"] = self.expert_ids.contiguous()
+            return tensors, {**meta, "version": _FORMAT_VERSION}
+        layout = packed_layout(self.num_experts, self.top_k)
+        tensors[prefix + "packed_ids"] = encode_sets(self.expert_ids.reshape(-1, self.top_k), layout)
+        meta.update({prefix + "num_layers": str(self.num_layers), prefix + "top_k": str(self.top_k), prefix + "packing": layout.scheme})
+        return tensors, {**meta, "version": _PACKED_VERSION}
+    # --8<-- [end:to-tensors]
 
     @staticmethod
-    def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str = "") -> "RoutingTrace":
-        """Rebuild (and fully validate) a trace from :meth:`to_tensors` output."""
-        if meta.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"RoutingTrace.load: unsupported trace version {meta.get('version')!r}")
-        names = [prefix + n for n in ("expert_ids", "rows_per_seq", "invalid_rows")]
-        missing = [n for n in names if n not in tensors]
-        if missing or prefix + "num_experts" not in meta:
-            raise ValueError(f"RoutingTrace.load: file lacks {missing or [prefix + 'num_experts']}")
-        ids, rows_per_seq, invalid_rows = (tensors[n] for n in names)
-        num_experts = int(meta[prefix + "num_experts"])
-        if ids.dtype != compact_dtype(num_experts):
-            raise ValueError(
-                f"RoutingTrace.load: expert_ids stored as {ids.dtype}, expected {compact_dtype(num_experts)} "
-                f"for num_experts={num_experts}"
-            )
-        valid = torch.ones(ids.shape[0], dtype=torch.bool)
-        if invalid_rows.numel():
-            if int(invalid_rows.min()) < 0 or int(invalid_rows.max()) >= ids.shape[0]:
-                raise ValueError("RoutingTrace.load: invalid_rows holds an index outside the trace")
-            valid[invalid_rows] = False
-        return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+    def from_tensors(
+        tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str = "", source: str = "RoutingTrace.load"
+    ) -> "RoutingTrace":
+        """Rebuild (and fully validate) a trace from :meth:`to_tensors` output of either version.
 
-    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """Write the trace with safetensors (never pickle), layout of :meth:`to_tensors`."""
-        tensors, meta = self.to_tensors()
+        ``source`` (e.g. the file name) starts every :class:`TraceFormatError` message.
+        """
+        version = meta.get("version")
+        if version not in (_FORMAT_VERSION, _PACKED_VERSION):
+            raise TraceFormatError(
+                f"{source}: unsupported trace version {version!r} (this reader knows {_FORMAT_VERSION!r} and {_PACKED_VERSION!r})"
+            )
+        names = ("packed_ids" if version == _PACKED_VERSION else "expert_ids", "rows_per_seq", "invalid_rows")
+        keys = ("num_experts", "num_layers", "top_k", "packing") if version == _PACKED_VERSION else ("num_experts",)
+        missing = [prefix + n for n in names if prefix + n not in tensors] + [prefix + k for k in keys if prefix + k not in meta]
+        if missing:
+            raise TraceFormatError(f"{source}: file lacks {missing}")
+        ids, rows_per_seq, invalid_rows = (tensors[prefix + n] for n in names)
+        num_experts = _meta_int(meta, prefix + "num_experts", source)
+        try:
+            dtype = compact_dtype(num_experts)
+        except ValueError as err:
+            raise TraceFormatError(f"{source}: {err}") from None
+        for name, t in (("rows_per_seq", rows_per_seq), ("invalid_rows", invalid_rows)):
+            if t.dtype != torch.int64 or t.dim() != 1:
+                raise TraceFormatError(f"{source}: {prefix}{name} must be a 1-D int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+        if version == _FORMAT_VERSION:
+            if ids.dtype != dtype:
+                raise TraceFormatError(
+                    f"{source}: expert_ids stored as {ids.dtype}, expected {dtype} for num_experts={num_experts}"
+                )
+            return RoutingTrace(ids, num_experts, _valid_from(invalid_rows, ids.shape[0], source), rows_per_seq.tolist())
+        if bool((rows_per_seq < 0).any()):
+            raise TraceFormatError(f"{source}: rows_per_seq holds a negative count")
+        num_tokens, num_layers, top_k = int(rows_per_seq.sum()), _meta_int(meta, prefix + "num_layers", source), _meta_int(meta, prefix + "top_k", source)
+        if num_layers < 1 or not 1 <= top_k <= num_experts:
+            raise TraceFormatError(f"{source}: num_layers={num_layers}, top_k={top_k} invalid for num_experts={num_experts}")
+        layout = packed_layout(num_experts, top_k)
+        if meta[prefix + "packing"] != layout.scheme:
+            raise TraceFormatError(f"{source}: packing {meta[prefix + 'packing']!r}, but (E={num_experts}, k={top_k}) is stored as {layout.scheme!r}")
+        valid = _valid_from(invalid_rows, num_tokens, source)
+        flat = decode_sets(ids, layout, num_tokens * num_layers, dtype, source)
+        return RoutingTrace._from_checked(flat.view(num_tokens, num_layers, top_k), num_experts, valid, rows_per_seq.tolist())
+
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None, packed: bool = True) -> None:
+        """Write the trace with safetensors (never pickle), layout of :meth:`to_tensors`.
+
+        Packed (version ``"2"``) by default; ``packed=False`` writes version ``"1"`` (a plain
+        ``expert_ids`` tensor any safetensors reader can index).
+        """
+        tensors, meta = self.to_tensors(packed=packed)
         save_file(tensors, os.fspath(path), metadata=_merge_metadata(meta, metadata))
 
     @staticmethod
     def load(path: str | os.PathLike) -> "RoutingTrace":
-        """Read a trace written by :meth:`save`, validating it fully."""
+        """Read a trace written by :meth:`save` (either version), validating it fully."""
         trace, _ = RoutingTrace.load_with_metadata(path)
         return trace
 
@@ -391,14 +443,30 @@ class RoutingTrace:
     def load_with_metadata(path: str | os.PathLike) -> tuple["RoutingTrace", dict[str, str]]:
         """Like :meth:`load`, also returning the user metadata stored with the trace."""
         tensors, meta = read_safetensors(path, _FORMAT_NAME)
-        user_meta = {k: v for k, v in meta.items() if k not in ("format", "version", "num_experts")}
-        return RoutingTrace.from_tensors(tensors, meta), user_meta
+        user_meta = {k: v for k, v in meta.items() if k not in _RESERVED_KEYS}
+        return RoutingTrace.from_tensors(tensors, meta, source=f"RoutingTrace.load({os.fspath(path)!r})"), user_meta
+
+
+def _meta_int(meta: dict[str, str], key: str, source: str) -> int:
+    try:
+        return int(meta[key])
+    except ValueError:
+        raise TraceFormatError(f"{source}: metadata {key}={meta[key]!r} is not an integer") from None
+
+
+def _valid_from(invalid_rows: torch.Tensor, num_tokens: int, source: str) -> torch.Tensor:
+    valid = torch.ones(num_tokens, dtype=torch.bool)
+    if invalid_rows.numel():
+        if int(invalid_rows.min()) < 0 or int(invalid_rows.max()) >= num_tokens:
+            raise TraceFormatError(f"{source}: invalid_rows holds an index outside the trace")
+        valid[invalid_rows] = False
+    return valid
 
 
 def _merge_metadata(meta: dict[str, str], extra: dict[str, str] | None) -> dict[str, str]:
     meta = dict(meta)
     for key, value in (extra or {}).items():
-        if key in meta:
+        if key in meta or key in _RESERVED_KEYS:
             raise ValueError(f"save: metadata key {key!r} is reserved")
         if not isinstance(value, str):
             raise TypeError(f"save: metadata values must be str, got {type(value).__name__} for {key!r}")
@@ -417,21 +485,27 @@ def read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[dic
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
-def _check_ids(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> None:
-    """Range and duplicate checks on valid rows, naming the first offending token and layer."""
-    bad = ((ids < 0) | (ids >= num_experts)) & valid[:, None, None]
-    if bad.any():
-        token, layer, slot = (int(v) for v in torch.nonzero(bad)[0])
-        raise ValueError(
-            f"RoutingTrace: expert id {int(ids[token, layer, slot])} out of range for num_experts={num_experts} "
-            f"at token {token}, layer {layer}"
-        )
-    if ids.shape[-1] > 1:
-        sorted_ids = ids.sort(dim=-1).values
-        dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1) & valid[:, None]
-        if dup.any():
-            token, layer = (int(v) for v in torch.nonzero(dup)[0])
+def _check_ids(ids: torch.Tensor, valid: torch.Tensor, num_experts: int, chunk_tokens: int = 1 << 14) -> None:
+    """Range and duplicate checks on valid rows, naming the first offending token and layer.
+
+    Runs over blocks of ``chunk_tokens`` tokens so a large trace never needs an int64 copy of itself.
+    """
+    for start in range(0, ids.shape[0], chunk_tokens):
+        block = ids[start : start + chunk_tokens].to(torch.int64)
+        ok = valid[start : start + chunk_tokens]
+        bad = ((block < 0) | (block >= num_experts)) & ok[:, None, None]
+        if bad.any():
+            token, layer, slot = (int(v) for v in torch.nonzero(bad)[0])
             raise ValueError(
-                f"RoutingTrace: duplicate expert ids {ids[token, layer].tolist()} at token {token}, layer {layer} "
-                "(a top-k row must name k distinct experts)"
+                f"RoutingTrace: expert id {int(block[token, layer, slot])} out of range for num_experts={num_experts} "
+                f"at token {start + token}, layer {layer}"
             )
+        if ids.shape[-1] > 1:
+            sorted_ids = block.sort(dim=-1).values
+            dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1) & ok[:, None]
+            if dup.any():
+                token, layer = (int(v) for v in torch.nonzero(dup)[0])
+                raise ValueError(
+                    f"RoutingTrace: duplicate expert ids {block[token, layer].tolist()} at token {start + token}, "
+                    f"layer {layer} (a top-k row must name k distinct experts)"
+                )
