@@ -209,7 +209,10 @@ class RoutingTrace:
             and self.rows_per_seq == other.rows_per_seq
             and self.expert_ids.shape == other.expert_ids.shape
             and torch.equal(self.valid, other.valid)
-            and torch.equal(self.expert_ids.sort(dim=-1).values, other.expert_ids.sort(dim=-1).values)
+            and (
+                torch.equal(self.expert_ids, other.expert_ids)
+                or torch.equal(self.expert_ids.sort(dim=-1).values, other.expert_ids.sort(dim=-1).values)
+            )
         )
 
     # ------------------------------------------------------------ validation

@@ -153,16 +153,37 @@ def _rank(sorted_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table[sorted_ids, torch.arange(1, m + 1)].sum(dim=1)
 
 
-def _unrank(ranks: torch.Tensor, table: torch.Tensor, m: int) -> torch.Tensor:
-    """Inverse of :func:`_rank`: greedily the largest ``c_i`` with ``C(c_i, i) <= r``, for i = m .. 1."""
+def _unrank(ranks: torch.Tensor, table: torch.Tensor, m: int, tail: int = 0) -> torch.Tensor:
+    """Inverse of :func:`_rank`: greedily the largest ``c_i`` with ``C(c_i, i) <= r``, for i = m .. 1.
+
+    The last ``tail`` slots are looked up at once in :func:`_tail_sets` (the remaining rank is
+    below ``C(E, tail)``, and ranks ``0 .. C(E, t) - 1`` are exactly the t-sets of ``[0, E)``).
+    """
     out = torch.empty(ranks.shape[0], m, dtype=torch.int64)
     r = ranks.clone()
-    for i in range(m, 0, -1):  # one vectorised search per slot
+    tail = min(tail, m)
+    for i in range(m, tail, -1):  # one vectorised search per slot
         column = table[:, i].contiguous()
         c = torch.searchsorted(column, r, right=True) - 1
         r -= column[c]
         out[:, i - 1] = c
+    if tail:
+        out[:, :tail] = _tail_sets(table.shape[0], tail)[r]
     return out
+
+
+_TAIL_ENTRIES = 1 << 22  # largest lookup table of t-sets kept per (E, t)
+
+
+def _tail_size(num_experts: int, m: int) -> int:
+    """Slots decoded by table lookup: the largest t <= min(m, 3) with C(E, t) <= 2**22 (0 if none)."""
+    return max((t for t in range(1, min(m, 3) + 1) if math.comb(num_experts, t) <= _TAIL_ENTRIES), default=0)
+
+
+@lru_cache(maxsize=8)
+def _tail_sets(num_experts: int, t: int) -> torch.Tensor:
+    """``[C(E, t), t]`` int64: row ``r`` is the t-set of rank ``r`` (built once by search)."""
+    return _unrank(torch.arange(math.comb(num_experts, t)), _binomials(num_experts, t), t)
 
 
 # ------------------------------------------------------------------ encode / decode
@@ -232,5 +253,5 @@ def _decode_chunk(piece: np.ndarray, layout: PackedLayout, n: int, source: str, 
             f"{source}: packed row {first_row + row} holds rank {int(ranks[row])}, but only C({layout.num_experts}, "
             f"{layout.top_k}) = {count} top-k sets exist"
         )
-    ranked = _unrank(ranks, _binomials(layout.num_experts, m), m)
+    ranked = _unrank(ranks, _binomials(layout.num_experts, m), m, _tail_size(layout.num_experts, m))
     return ranked if m == layout.top_k else _complement(ranked, layout.num_experts)
