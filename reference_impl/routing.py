@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import TraceFormatError
+from .errors import AlignmentError, TraceFormatError
 from .trace_packing import decode_sets, encode_sets, packed_layout
 
 __all__ = [
@@ -274,6 +274,62 @@ class RoutingTrace:
             torch.cat([t.valid for t in traces]),
             tuple(r for t in traces for r in t.rows_per_seq),
         )
+
+    # --8<-- [start:append-turn]
+    def extend(self, new_rows: "RoutingTrace") -> "RoutingTrace":
+        """Sequence ``i`` keeps its rows and gains the rows of sequence ``i`` of ``new_rows``."""
+        if new_rows.num_sequences != self.num_sequences:
+            raise AlignmentError(f"RoutingTrace.extend: {new_rows.num_sequences} sequences of new rows for {self.num_sequences} sequences")
+        if (new_rows.num_layers, new_rows.top_k, new_rows.num_experts) != (self.num_layers, self.top_k, self.num_experts):
+            raise AlignmentError(
+                f"RoutingTrace.extend: new rows have (num_layers, top_k, num_experts)="
+                f"{(new_rows.num_layers, new_rows.top_k, new_rows.num_experts)}, this trace "
+                f"{(self.num_layers, self.top_k, self.num_experts)}"
+            )
+        ids, valid = [], []
+        for (a0, a), (b0, b) in zip(self._spans(), new_rows._spans()):  # one slice per sequence
+            ids += [self.expert_ids[a0 : a0 + a], new_rows.expert_ids[b0 : b0 + b]]
+            valid += [self.valid[a0 : a0 + a], new_rows.valid[b0 : b0 + b]]
+        rows = [a + b for a, b in zip(self.rows_per_seq, new_rows.rows_per_seq)]
+        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows)
+
+    def rows_from(self, start: Sequence[int]) -> "RoutingTrace":
+        """Rows ``start[i] ..`` of each sequence ``i`` (the tail a new turn adds)."""
+        start = [int(s) for s in start]
+        if len(start) != self.num_sequences or any(not 0 <= s <= r for s, r in zip(start, self.rows_per_seq)):
+            raise AlignmentError(f"RoutingTrace.rows_from: start rows {start} do not fit rows_per_seq {self.rows_per_seq}")
+        ids, valid = [], []
+        for (a0, a), s in zip(self._spans(), start):
+            ids.append(self.expert_ids[a0 + s : a0 + a])
+            valid.append(self.valid[a0 + s : a0 + a])
+        rows = [r - s for r, s in zip(self.rows_per_seq, start)]
+        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows)
+
+    def append_turn(self, turn: "RoutingTrace") -> "RoutingTrace":
+        """Multi-turn and partial rollouts: add the rows of a new turn, keeping the earlier turns' rows.
+
+        ``self`` routes conversations of ``n_i`` tokens (``n_i - 1`` rows, the alignment rule);
+        ``turn`` is the engine's trace of the call that continued them to ``m_i >= n_i`` tokens,
+        with the conversation so far as its prompt (``m_i - 1`` rows). The result keeps rows
+        ``0 .. n_i - 2`` from ``self`` and takes rows ``n_i - 1 .. m_i - 2`` from ``turn``: the
+        boundary row ``n_i - 1`` (the previous turn's last token, never forwarded by the engine that
+        sampled it) comes from the new turn. After every turn the trace has ``m_i - 1`` rows.
+        """
+        if turn.num_sequences != self.num_sequences or any(t < r for t, r in zip(turn.rows_per_seq, self.rows_per_seq)):
+            raise AlignmentError(
+                f"RoutingTrace.append_turn: the new turn's trace has rows {turn.rows_per_seq}, fewer than the "
+                f"{self.rows_per_seq} already routed (its prompt must be the whole conversation so far)"
+            )
+        return self.extend(turn.rows_from(self.rows_per_seq))
+    # --8<-- [end:append-turn]
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """(first row, row count) of each sequence."""
+        out, start = [], 0
+        for rows in self.rows_per_seq:
+            out.append((start, rows))
+            start += rows
+        return out
 
     @staticmethod
     def from_padded(
