@@ -8,7 +8,7 @@ file; the trace itself stays a plain ``[num_tokens, num_layers, top_k]`` tensor 
 Two layouts, chosen from (E, k) alone by :func:`packed_layout`:
 
 * ``rank`` (when ⌈log2 C(E, k)⌉ <= 63): the set's rank in the combinatorial number system,
-  ``rank(c_1 < ... < c_m) = sum_i C(c_i, i)`` (Knuth, TAOCP 7.2.1.3, eq. (3)), a number in
+  ``rank(c_1 < ... < c_m) = sum_i C(c_i, i)`` (the set's colexicographic position), a number in
   ``[0, C(E, m))``, written with ⌈log2 C(E, k)⌉ bits. ``m = min(k, E - k)``: when k > E/2 the
   complement set is ranked instead (C(E, k) = C(E, E - k)), which keeps the binomial table small.
 * ``ids`` (otherwise, e.g. E = 32767 with k = 8): the k sorted ids, ⌈log2 E⌉ bits each.
