@@ -14,7 +14,8 @@ from conftest import tiny_model
 from reference_impl import RoutingTrace, record_routing, replay_routing
 from reference_impl import trace_packing as tp
 from reference_impl.errors import TraceFormatError
-from reference_impl.rollout import RolloutEngine, RolloutBatch
+from reference_impl.batch import RolloutBatch
+from reference_impl.rollout import RolloutEngine
 
 
 def random_sets(num_rows, top_k, num_experts, seed=0):
