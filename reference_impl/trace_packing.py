@@ -2,7 +2,7 @@
 
 A top-k route is a set of k distinct experts out of E, so it carries at most log2 C(E, k) bits
 (33 for E = 64, 41 for E = 128, 49 for E = 256 at k = 8, after rounding up), against 8k bits
-in ``uint8``. This module is the codec behind version 2 of the :class:`~reference_impl.routing.RoutingTrace`
+in ``uint8``. This module is the codec behind version 2 of the ``RoutingTrace``
 file; the trace itself stays a plain ``[num_tokens, num_layers, top_k]`` tensor in memory.
 
 Two layouts, chosen from (E, k) alone by :func:`packed_layout`:
