@@ -135,7 +135,7 @@ def bench_trace_bytes(args) -> dict:
     trace = RoutingTrace(ids, args.experts, valid=valid, rows_per_seq=(tokens // 2, tokens - tokens // 2))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "trace.safetensors"
-        trace.save(path)
+        trace.save(path, packed=False)  # version 1, uint8 ids (benchmarks/trace_packing.py measures the packed layout)
         size = os.path.getsize(path)
     ideal = num_layers * args.top_k
     # information bound: a top-k *set* of E experts needs ceil(log2 C(E, k)) bits per (token, layer)

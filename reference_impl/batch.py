@@ -56,13 +56,14 @@ class RolloutBatch:
             out[i, :r] = self.tokens[i, p : p + r]
         return out
 
-    def save(self, path) -> None:
+    def save(self, path, packed: bool = True) -> None:
         """Write the batch (tokens, log-probs, mask, routes) to one safetensors file, never pickle.
 
         This is the exchange format of ``python -m reference_impl compare``: build a
         :class:`RolloutBatch` from any engine's output (see :mod:`reference_impl.converters`) and save it.
+        The routes are packed (trace version ``"2"``) unless ``packed=False``.
         """
-        tensors, meta = self.rollout_trace.to_tensors(prefix="trace.")
+        tensors, meta = self.rollout_trace.to_tensors(prefix="trace.", packed=packed)
         for name in _BATCH_TENSORS:
             tensors[name] = getattr(self, name).contiguous()
         meta["format"] = _BATCH_FORMAT
@@ -75,12 +76,13 @@ class RolloutBatch:
         missing = [n for n in _BATCH_TENSORS if n not in tensors]
         if missing:
             raise TraceFormatError(f"RolloutBatch.load: {str(path)!r} lacks tensors {missing}")
+        source = f"RolloutBatch.load({str(path)!r})"
+        trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.", source=source)
         try:
-            trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.")
             batch = RolloutBatch(**{n: tensors[n] for n in _BATCH_TENSORS}, rollout_trace=trace)
             batch.validate()
         except (TypeError, ValueError) as err:
-            raise TraceFormatError(f"RolloutBatch.load: {str(path)!r}: {err}") from None
+            raise TraceFormatError(f"{source}: {err}") from None
         return batch
 
     def validate(self) -> None:

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import AlignmentError, TraceFormatError
+from .trace_packing import decode_sets, encode_sets, packed_layout
 
 __all__ = [
     "RoutingTrace",
@@ -39,7 +40,9 @@ __all__ = [
 #: Largest expert count a trace can store (ids 0 .. 32766 fit in int16).
 MAX_NUM_EXPERTS = 32767
 _FORMAT_NAME = "reference_impl.RoutingTrace"
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "1"  # plain compact expert_ids
+_PACKED_VERSION = "2"  # packed_ids at the information bound (reference_impl.trace_packing)
+_RESERVED_KEYS = ("format", "version", "num_experts", "num_layers", "top_k", "packing")
 
 
 # --8<-- [start:compact-dtype]
@@ -153,16 +156,24 @@ class RoutingTrace:
                 f"RoutingTrace: rows_per_seq sums to {sum(rows_per_seq)} but expert_ids has {num_tokens} rows"
             )
 
-        ids = expert_ids.to(torch.int64)
-        _check_ids(ids, valid, num_experts)
-        # Invalid rows get a canonical filler (0..k-1): the compact tensor never carries sentinels.
-        filler = torch.arange(top_k, dtype=torch.int64).expand(num_layers, top_k)
-        ids = torch.where(valid[:, None, None], ids, filler)
+        _check_ids(expert_ids, valid, num_experts)
+        self._set(expert_ids.to(dtype, copy=True), num_experts, valid, rows_per_seq)
 
-        self.expert_ids: torch.Tensor = ids.to(dtype)
+    def _set(self, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: tuple[int, ...]) -> None:
+        """Store checked compact ids (in place: invalid rows get the canonical filler 0..k-1, never a sentinel)."""
+        if not bool(valid.all()):
+            ids[~valid] = torch.arange(ids.shape[2], dtype=ids.dtype)
+        self.expert_ids: torch.Tensor = ids
         self.valid: torch.Tensor = valid
         self.num_experts: int = num_experts
         self.rows_per_seq: tuple[int, ...] = rows_per_seq
+
+    @classmethod
+    def _from_checked(cls, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: Sequence[int]) -> "RoutingTrace":
+        """Wrap compact ids whose rows are already known to be valid sets (a packed decode proves it)."""
+        trace = cls.__new__(cls)
+        trace._set(ids, num_experts, valid, tuple(int(r) for r in rows_per_seq))
+        return trace
 
     # ------------------------------------------------------------------ shape
     @property
@@ -193,13 +204,18 @@ class RoutingTrace:
         )
 
     def __eq__(self, other: object) -> bool:
+        """Same experts, boundaries, validity and top-k *sets* per row (order within a row is ignored)."""
         if not isinstance(other, RoutingTrace):
             return NotImplemented
         return (
             self.num_experts == other.num_experts
             and self.rows_per_seq == other.rows_per_seq
+            and self.expert_ids.shape == other.expert_ids.shape
             and torch.equal(self.valid, other.valid)
-            and torch.equal(self.expert_ids, other.expert_ids)
+            and (
+                torch.equal(self.expert_ids, other.expert_ids)
+                or torch.equal(self.expert_ids.sort(dim=-1).values, other.expert_ids.sort(dim=-1).values)
+            )
         )
 
     # ------------------------------------------------------------ validation
@@ -261,6 +277,62 @@ class RoutingTrace:
             torch.cat([t.valid for t in traces]),
             tuple(r for t in traces for r in t.rows_per_seq),
         )
+
+    # --8<-- [start:append-turn]
+    def extend(self, new_rows: "RoutingTrace") -> "RoutingTrace":
+        """Sequence ``i`` keeps its rows and gains the rows of sequence ``i`` of ``new_rows``."""
+        if new_rows.num_sequences != self.num_sequences:
+            raise AlignmentError(f"RoutingTrace.extend: {new_rows.num_sequences} sequences of new rows for {self.num_sequences} sequences")
+        if (new_rows.num_layers, new_rows.top_k, new_rows.num_experts) != (self.num_layers, self.top_k, self.num_experts):
+            raise AlignmentError(
+                f"RoutingTrace.extend: new rows have (num_layers, top_k, num_experts)="
+                f"{(new_rows.num_layers, new_rows.top_k, new_rows.num_experts)}, this trace "
+                f"{(self.num_layers, self.top_k, self.num_experts)}"
+            )
+        ids, valid = [], []
+        for (a0, a), (b0, b) in zip(self._spans(), new_rows._spans()):  # one slice per sequence
+            ids += [self.expert_ids[a0 : a0 + a], new_rows.expert_ids[b0 : b0 + b]]
+            valid += [self.valid[a0 : a0 + a], new_rows.valid[b0 : b0 + b]]
+        rows = [a + b for a, b in zip(self.rows_per_seq, new_rows.rows_per_seq)]
+        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows)
+
+    def rows_from(self, start: Sequence[int]) -> "RoutingTrace":
+        """Rows ``start[i] ..`` of each sequence ``i`` (the tail a new turn adds)."""
+        start = [int(s) for s in start]
+        if len(start) != self.num_sequences or any(not 0 <= s <= r for s, r in zip(start, self.rows_per_seq)):
+            raise AlignmentError(f"RoutingTrace.rows_from: start rows {start} do not fit rows_per_seq {self.rows_per_seq}")
+        ids, valid = [], []
+        for (a0, a), s in zip(self._spans(), start):
+            ids.append(self.expert_ids[a0 + s : a0 + a])
+            valid.append(self.valid[a0 + s : a0 + a])
+        rows = [r - s for r, s in zip(self.rows_per_seq, start)]
+        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows)
+
+    def append_turn(self, turn: "RoutingTrace") -> "RoutingTrace":
+        """Multi-turn and partial rollouts: add the rows of a new turn, keeping the earlier turns' rows.
+
+        ``self`` routes conversations of ``n_i`` tokens (``n_i - 1`` rows, the alignment rule);
+        ``turn`` is the engine's trace of the call that continued them to ``m_i >= n_i`` tokens,
+        with the conversation so far as its prompt (``m_i - 1`` rows). The result keeps rows
+        ``0 .. n_i - 2`` from ``self`` and takes rows ``n_i - 1 .. m_i - 2`` from ``turn``: the
+        boundary row ``n_i - 1`` (the previous turn's last token, never forwarded by the engine that
+        sampled it) comes from the new turn. After every turn the trace has ``m_i - 1`` rows.
+        """
+        if turn.num_sequences != self.num_sequences or any(t < r for t, r in zip(turn.rows_per_seq, self.rows_per_seq)):
+            raise AlignmentError(
+                f"RoutingTrace.append_turn: the new turn's trace has rows {turn.rows_per_seq}, fewer than the "
+                f"{self.rows_per_seq} already routed (its prompt must be the whole conversation so far)"
+            )
+        return self.extend(turn.rows_from(self.rows_per_seq))
+    # --8<-- [end:append-turn]
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """(first row, row count) of each sequence."""
+        out, start = [], 0
+        for rows in self.rows_per_seq:
+            out.append((start, rows))
+            start += rows
+        return out
 
     @staticmethod
     def from_padded(
@@ -358,68 +430,105 @@ class RoutingTrace:
     # --8<-- [end:agreement]
 
     # ---------------------------------------------------------- persistence
-    def to_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The on-disk layout (the only one): tensors and metadata, names prefixed by ``prefix``.
+    # --8<-- [start:to-tensors]
+    def to_tensors(self, prefix: str = "", packed: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The on-disk layout: tensors and metadata, names prefixed by ``prefix``.
 
-        ``expert_ids`` in the compact dtype, ``rows_per_seq`` (int64 per sequence) and
-        ``invalid_rows`` (int64 indices of invalid rows; empty when all rows are valid).
+        Both versions store ``rows_per_seq`` (int64 per sequence) and ``invalid_rows`` (int64
+        indices of invalid rows; empty when all rows are valid). Version ``"2"`` (``packed=True``,
+        the default) stores the ids as ``packed_ids``, uint8 bytes of
+        :func:`reference_impl.trace_packing.encode_sets` (one rank or k ids per (token, layer)
+        row, token-major), with ``num_layers``, ``top_k`` and ``packing`` in the metadata.
+        Version ``"1"`` stores ``expert_ids`` in the compact dtype.
         """
         tensors = {
-            prefix + "expert_ids": self.expert_ids.contiguous(),
             prefix + "rows_per_seq": torch.tensor(self.rows_per_seq, dtype=torch.int64),
             prefix + "invalid_rows": torch.nonzero(~self.valid).flatten().to(torch.int64),
         }
-        meta = {"format": _FORMAT_NAME, "version": _FORMAT_VERSION, prefix + "num_experts": str(self.num_experts)}
-        return tensors, meta
+        meta = {"format": _FORMAT_NAME, prefix + "num_experts": str(self.num_experts)}
+        if not packed:
+            tensors[prefix + "expert_ids"] = self.expert_ids.contiguous()
+            return tensors, {**meta, "version": _FORMAT_VERSION}
+        layout = packed_layout(self.num_experts, self.top_k)
+        tensors[prefix + "packed_ids"] = encode_sets(self.expert_ids.reshape(-1, self.top_k), layout)
+        meta.update({prefix + "num_layers": str(self.num_layers), prefix + "top_k": str(self.top_k), prefix + "packing": layout.scheme})
+        return tensors, {**meta, "version": _PACKED_VERSION}
+    # --8<-- [end:to-tensors]
 
     @staticmethod
-    def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str = "") -> "RoutingTrace":
-        """Rebuild (and fully validate) a trace from :meth:`to_tensors` output.
+    def from_tensors(
+        tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str = "", source: str = "RoutingTrace.load"
+    ) -> "RoutingTrace":
+        """Rebuild (and fully validate) a trace from :meth:`to_tensors` output of either version.
 
-        Raises :class:`TraceFormatError` naming what is wrong (version, a missing tensor, a tensor's
-        dtype or rank, unparsable metadata, ids or rows that do not form a trace).
+        ``source`` (e.g. the file name) starts every :class:`TraceFormatError` message.
         """
-        if meta.get("version") != _FORMAT_VERSION:
-            raise TraceFormatError(f"RoutingTrace.load: unsupported trace version {meta.get('version')!r}")
-        names = [prefix + n for n in ("expert_ids", "rows_per_seq", "invalid_rows")]
-        missing = [n for n in names if n not in tensors]
-        if missing or prefix + "num_experts" not in meta:
-            raise TraceFormatError(f"RoutingTrace.load: file lacks {missing or [prefix + 'num_experts']}")
-        ids, rows_per_seq, invalid_rows = (tensors[n] for n in names)
-        raw = meta[prefix + "num_experts"]
-        try:
-            num_experts = int(raw)
-            dtype = compact_dtype(num_experts)
-        except ValueError:
+        version = meta.get("version")
+        if version not in (_FORMAT_VERSION, _PACKED_VERSION):
             raise TraceFormatError(
-                f"RoutingTrace.load: metadata {prefix}num_experts={raw!r} is not an expert count in 1..{MAX_NUM_EXPERTS}"
-            ) from None
-        for name, t, rank, want in ((names[0], ids, 3, dtype), (names[1], rows_per_seq, 1, torch.int64), (names[2], invalid_rows, 1, torch.int64)):
-            if t.dtype != want:
-                raise TraceFormatError(
-                    f"RoutingTrace.load: {name} stored as {t.dtype}, expected {want}"
-                    + (f" for num_experts={num_experts}" if name == names[0] else "")
-                )
-            if t.dim() != rank:
-                raise TraceFormatError(f"RoutingTrace.load: {name} has rank {t.dim()} (shape {tuple(t.shape)}), expected rank {rank}")
-        valid = torch.ones(ids.shape[0], dtype=torch.bool)
-        if invalid_rows.numel():
-            if int(invalid_rows.min()) < 0 or int(invalid_rows.max()) >= ids.shape[0]:
-                raise TraceFormatError("RoutingTrace.load: invalid_rows holds an index outside the trace")
-            valid[invalid_rows] = False
+                f"{source}: unsupported trace version {version!r} (this reader knows {_FORMAT_VERSION!r} and {_PACKED_VERSION!r})"
+            )
+        names = ("packed_ids" if version == _PACKED_VERSION else "expert_ids", "rows_per_seq", "invalid_rows")
+        keys = ("num_experts", "num_layers", "top_k", "packing") if version == _PACKED_VERSION else ("num_experts",)
+        missing = [prefix + n for n in names if prefix + n not in tensors] + [prefix + k for k in keys if prefix + k not in meta]
+        if missing:
+            raise TraceFormatError(f"{source}: file lacks {missing}")
+        ids, rows_per_seq, invalid_rows = (tensors[prefix + n] for n in names)
+        num_experts = _meta_int(meta, prefix + "num_experts", source)
         try:
-            return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+            dtype = compact_dtype(num_experts)
+        except ValueError as err:
+            raise TraceFormatError(f"{source}: {err}") from None
+        for name, t in (("rows_per_seq", rows_per_seq), ("invalid_rows", invalid_rows)):
+            if t.dtype != torch.int64:
+                raise TraceFormatError(f"{source}: {prefix}{name} stored as {t.dtype}, expected torch.int64")
+            if t.dim() != 1:
+                raise TraceFormatError(f"{source}: {prefix}{name} has rank {t.dim()} (shape {tuple(t.shape)}), expected rank 1")
+        if version == _FORMAT_VERSION:
+            if ids.dtype != dtype:
+                raise TraceFormatError(
+                    f"{source}: expert_ids stored as {ids.dtype}, expected {dtype} for num_experts={num_experts}"
+                )
+            if ids.dim() != 3:
+                raise TraceFormatError(f"{source}: {prefix}expert_ids has rank {ids.dim()} (shape {tuple(ids.shape)}), expected rank 3")
+            valid = _valid_from(invalid_rows, ids.shape[0], source)
+            try:
+                return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+            except (TypeError, ValueError) as err:
+                raise TraceFormatError(f"{source}: {err}") from None
+        if bool((rows_per_seq < 0).any()):
+            raise TraceFormatError(f"{source}: rows_per_seq holds a negative count")
+        num_tokens, num_layers, top_k = int(rows_per_seq.sum()), _meta_int(meta, prefix + "num_layers", source), _meta_int(meta, prefix + "top_k", source)
+        if num_layers < 1 or not 1 <= top_k <= num_experts:
+            raise TraceFormatError(f"{source}: num_layers={num_layers}, top_k={top_k} invalid for num_experts={num_experts}")
+        layout = packed_layout(num_experts, top_k)
+        if meta[prefix + "packing"] != layout.scheme:
+            raise TraceFormatError(f"{source}: packing {meta[prefix + 'packing']!r}, but (E={num_experts}, k={top_k}) is stored as {layout.scheme!r}")
+        expected = layout.payload_bytes(num_tokens * num_layers)
+        if ids.numel() != expected:  # checked before anything of the size the metadata claims is allocated
+            raise TraceFormatError(
+                f"{source}: {prefix}packed_ids has {ids.numel()} bytes, expected {expected} for "
+                f"{num_tokens * num_layers} rows of {layout.bits_per_row} bits ({num_tokens} tokens x {num_layers} layers)"
+            )
+        valid = _valid_from(invalid_rows, num_tokens, source)
+        flat = decode_sets(ids, layout, num_tokens * num_layers, dtype, source)
+        try:
+            return RoutingTrace._from_checked(flat.view(num_tokens, num_layers, top_k), num_experts, valid, rows_per_seq.tolist())
         except (TypeError, ValueError) as err:
-            raise TraceFormatError(f"RoutingTrace.load: {err}") from None
+            raise TraceFormatError(f"{source}: {err}") from None
 
-    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """Write the trace with safetensors (never pickle), layout of :meth:`to_tensors`."""
-        tensors, meta = self.to_tensors()
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None, packed: bool = True) -> None:
+        """Write the trace with safetensors (never pickle), layout of :meth:`to_tensors`.
+
+        Packed (version ``"2"``) by default; ``packed=False`` writes version ``"1"`` (a plain
+        ``expert_ids`` tensor any safetensors reader can index).
+        """
+        tensors, meta = self.to_tensors(packed=packed)
         save_file(tensors, os.fspath(path), metadata=_merge_metadata(meta, metadata))
 
     @staticmethod
     def load(path: str | os.PathLike) -> "RoutingTrace":
-        """Read a trace written by :meth:`save`, validating it fully."""
+        """Read a trace written by :meth:`save` (either version), validating it fully."""
         trace, _ = RoutingTrace.load_with_metadata(path)
         return trace
 
@@ -427,17 +536,30 @@ class RoutingTrace:
     def load_with_metadata(path: str | os.PathLike) -> tuple["RoutingTrace", dict[str, str]]:
         """Like :meth:`load`, also returning the user metadata stored with the trace."""
         tensors, meta = read_safetensors(path, _FORMAT_NAME)
-        user_meta = {k: v for k, v in meta.items() if k not in ("format", "version", "num_experts")}
-        try:
-            return RoutingTrace.from_tensors(tensors, meta), user_meta
-        except TraceFormatError as err:
-            raise TraceFormatError(f"{os.fspath(path)!r}: {err}") from None
+        user_meta = {k: v for k, v in meta.items() if k not in _RESERVED_KEYS}
+        return RoutingTrace.from_tensors(tensors, meta, source=f"RoutingTrace.load({os.fspath(path)!r})"), user_meta
+
+
+def _meta_int(meta: dict[str, str], key: str, source: str) -> int:
+    try:
+        return int(meta[key])
+    except ValueError:
+        raise TraceFormatError(f"{source}: metadata {key}={meta[key]!r} is not an integer") from None
+
+
+def _valid_from(invalid_rows: torch.Tensor, num_tokens: int, source: str) -> torch.Tensor:
+    valid = torch.ones(num_tokens, dtype=torch.bool)
+    if invalid_rows.numel():
+        if int(invalid_rows.min()) < 0 or int(invalid_rows.max()) >= num_tokens:
+            raise TraceFormatError(f"{source}: invalid_rows holds an index outside the trace")
+        valid[invalid_rows] = False
+    return valid
 
 
 def _merge_metadata(meta: dict[str, str], extra: dict[str, str] | None) -> dict[str, str]:
     meta = dict(meta)
     for key, value in (extra or {}).items():
-        if key in meta:
+        if key in meta or key in _RESERVED_KEYS:
             raise ValueError(f"save: metadata key {key!r} is reserved")
         if not isinstance(value, str):
             raise TypeError(f"save: metadata values must be str, got {type(value).__name__} for {key!r}")
@@ -474,21 +596,27 @@ def read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[dic
         ) from None
 
 
-def _check_ids(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> None:
-    """Range and duplicate checks on valid rows, naming the first offending token and layer."""
-    bad = ((ids < 0) | (ids >= num_experts)) & valid[:, None, None]
-    if bad.any():
-        token, layer, slot = (int(v) for v in torch.nonzero(bad)[0])
-        raise ValueError(
-            f"RoutingTrace: expert id {int(ids[token, layer, slot])} out of range for num_experts={num_experts} "
-            f"at token {token}, layer {layer}"
-        )
-    if ids.shape[-1] > 1:
-        sorted_ids = ids.sort(dim=-1).values
-        dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1) & valid[:, None]
-        if dup.any():
-            token, layer = (int(v) for v in torch.nonzero(dup)[0])
+def _check_ids(ids: torch.Tensor, valid: torch.Tensor, num_experts: int, chunk_tokens: int = 1 << 14) -> None:
+    """Range and duplicate checks on valid rows, naming the first offending token and layer.
+
+    Runs over blocks of ``chunk_tokens`` tokens so a large trace never needs an int64 copy of itself.
+    """
+    for start in range(0, ids.shape[0], chunk_tokens):
+        block = ids[start : start + chunk_tokens].to(torch.int64)
+        ok = valid[start : start + chunk_tokens]
+        bad = ((block < 0) | (block >= num_experts)) & ok[:, None, None]
+        if bad.any():
+            token, layer, slot = (int(v) for v in torch.nonzero(bad)[0])
             raise ValueError(
-                f"RoutingTrace: duplicate expert ids {ids[token, layer].tolist()} at token {token}, layer {layer} "
-                "(a top-k row must name k distinct experts)"
+                f"RoutingTrace: expert id {int(block[token, layer, slot])} out of range for num_experts={num_experts} "
+                f"at token {start + token}, layer {layer}"
             )
+        if ids.shape[-1] > 1:
+            sorted_ids = block.sort(dim=-1).values
+            dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1) & ok[:, None]
+            if dup.any():
+                token, layer = (int(v) for v in torch.nonzero(dup)[0])
+                raise ValueError(
+                    f"RoutingTrace: duplicate expert ids {block[token, layer].tolist()} at token {start + token}, "
+                    f"layer {layer} (a top-k row must name k distinct experts)"
+                )

@@ -63,7 +63,7 @@ def _write(path, tensors, num_experts="8"):
 
 
 def _good_tensors():
-    t, _ = small_trace().to_tensors()
+    t, _ = small_trace().to_tensors(packed=False)  # format version 1: a plain expert_ids tensor
     return t
 
 
