@@ -62,6 +62,7 @@ class RoutingShape:
     num_layers: int  # L: routed (MoE) layers, in the order the trace's layer axis uses
     top_k: int  # k
     num_experts: int  # E
+    router_family: str | None = None  # reference_impl.routers.router_family; None = not declared
 
 
 class ReplayHost(Protocol):
