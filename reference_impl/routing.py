@@ -19,12 +19,15 @@ statistics.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .errors import ConfigError
 
 __all__ = [
     "RoutingTrace",
@@ -104,6 +107,9 @@ class RoutingTrace:
         valid: optional bool tensor ``[num_tokens]``; default all True.
         rows_per_seq: optional number of rows of each sequence (sums to ``num_tokens``);
             default: one sequence.
+        router_family: the router family that produced the ids (``softmax``, ``sigmoid_bias``, …;
+            :func:`reference_impl.routers.router_family`), saved as the metadata key
+            ``router_family``; replay into a model of another family is refused. None = unknown.
     """
 
     def __init__(
@@ -112,6 +118,8 @@ class RoutingTrace:
         num_experts: int,
         valid: torch.Tensor | None = None,
         rows_per_seq: Sequence[int] | None = None,
+        *,
+        router_family: str | None = None,
     ) -> None:
         dtype = compact_dtype(num_experts)
         if not isinstance(expert_ids, torch.Tensor):
@@ -158,6 +166,9 @@ class RoutingTrace:
         self.valid: torch.Tensor = valid
         self.num_experts: int = num_experts
         self.rows_per_seq: tuple[int, ...] = rows_per_seq
+        if router_family is not None and not isinstance(router_family, str):
+            raise TypeError(f"RoutingTrace: router_family must be a str or None, got {type(router_family).__name__}")
+        self.router_family: str | None = router_family
 
     # ------------------------------------------------------------------ shape
     @property
@@ -209,6 +220,26 @@ class RoutingTrace:
                 f"RoutingTrace: trace has num_experts={self.num_experts} but the model has {num_experts} experts"
             )
 
+    def check_router_family(self, model_family: str | None) -> None:
+        """Refuse replay into a model of another router family; warn when the trace does not say its family.
+
+        The ids of a ``softmax`` trace are not the choice a ``sigmoid_bias`` router would make (nor
+        the reverse): replaying one into the other silently trains a different model's routing.
+        """
+        if model_family is None:
+            return
+        if self.router_family is None:
+            warnings.warn(
+                f"RoutingTrace: the trace does not record its router family; replaying it into a {model_family!r} "
+                "model unchecked (record with this package, or pass router_family= when building the trace)",
+                stacklevel=3,
+            )
+        elif self.router_family != model_family:
+            raise ConfigError(
+                f"RoutingTrace: the trace was recorded by a {self.router_family!r} router but the model routes with "
+                f"{model_family!r}: replaying ids across router families is refused"
+            )
+
     def check_alignment(self, seq_lengths: Sequence[int]) -> None:
         """Raise unless sequence ``i`` of ``seq_lengths[i]`` tokens has ``routed_rows(seq_lengths[i])`` rows."""
         seq_lengths = [int(n) for n in seq_lengths]
@@ -230,7 +261,11 @@ class RoutingTrace:
         for rows in self.rows_per_seq:
             out.append(
                 RoutingTrace(
-                    self.expert_ids[start : start + rows], self.num_experts, self.valid[start : start + rows], (rows,)
+                    self.expert_ids[start : start + rows],
+                    self.num_experts,
+                    self.valid[start : start + rows],
+                    (rows,),
+                    router_family=self.router_family,
                 )
             )
             start += rows
@@ -250,11 +285,15 @@ class RoutingTrace:
                     f"{(t.num_layers, t.top_k, t.num_experts)}, trace 0 has "
                     f"{(first.num_layers, first.top_k, first.num_experts)}"
                 )
+        families = {t.router_family for t in traces} - {None}
+        if len(families) > 1:
+            raise ConfigError(f"RoutingTrace.concatenate: traces come from different router families {sorted(families)}")
         return RoutingTrace(
             torch.cat([t.expert_ids for t in traces]),
             first.num_experts,
             torch.cat([t.valid for t in traces]),
             tuple(r for t in traces for r in t.rows_per_seq),
+            router_family=families.pop() if families else None,
         )
 
     @staticmethod
@@ -263,6 +302,8 @@ class RoutingTrace:
         seq_lengths: Sequence[int],
         num_experts: int,
         valid: torch.Tensor | None = None,
+        *,
+        router_family: str | None = None,
     ) -> "RoutingTrace":
         """Build a trace from per-position routes of a right-padded batch.
 
@@ -286,7 +327,7 @@ class RoutingTrace:
             row_valid = None
         else:
             row_valid = torch.cat([valid[b, :r] for b, r in enumerate(rows)]).to(torch.bool)
-        return RoutingTrace(ids, num_experts, row_valid, rows)
+        return RoutingTrace(ids, num_experts, row_valid, rows, router_family=router_family)
 
     def to_padded(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Lay the trace out on a right-padded grid for a forward over ``seq_len`` positions.
@@ -351,6 +392,8 @@ class RoutingTrace:
             prefix + "invalid_rows": torch.nonzero(~self.valid).flatten().to(torch.int64),
         }
         meta = {"format": _FORMAT_NAME, "version": _FORMAT_VERSION, prefix + "num_experts": str(self.num_experts)}
+        if self.router_family is not None:  # optional key of format version 1 (older files lack it)
+            meta[prefix + "router_family"] = self.router_family
         return tensors, meta
 
     @staticmethod
@@ -374,7 +417,7 @@ class RoutingTrace:
             if int(invalid_rows.min()) < 0 or int(invalid_rows.max()) >= ids.shape[0]:
                 raise ValueError("RoutingTrace.load: invalid_rows holds an index outside the trace")
             valid[invalid_rows] = False
-        return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+        return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist(), router_family=meta.get(prefix + "router_family"))
 
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
         """Write the trace with safetensors (never pickle), layout of :meth:`to_tensors`."""
@@ -391,7 +434,7 @@ class RoutingTrace:
     def load_with_metadata(path: str | os.PathLike) -> tuple["RoutingTrace", dict[str, str]]:
         """Like :meth:`load`, also returning the user metadata stored with the trace."""
         tensors, meta = read_safetensors(path, _FORMAT_NAME)
-        user_meta = {k: v for k, v in meta.items() if k not in ("format", "version", "num_experts")}
+        user_meta = {k: v for k, v in meta.items() if k not in ("format", "version", "num_experts", "router_family")}
         return RoutingTrace.from_tensors(tensors, meta), user_meta
 
 
