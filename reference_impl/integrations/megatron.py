@@ -210,12 +210,12 @@ class MegatronReplay:
         self._RouterReplay, self._Action = RouterReplay, RouterReplayAction
         self.model = model
         self.config = _moe_config(model)
-        self.routers = [layer.mlp.router for layer in model.decoder.layers]
+        self.routers = [layer.mlp.router for layer in model.decoder.layers if hasattr(layer.mlp, "router")]  # MoE layers
         self.instances = [r.router_replay for r in self.routers]
         if any(rr is None for rr in self.instances):
             raise ValueError("MegatronReplay: the model was built without moe_enable_routing_replay=True")
-        if len(self.routers) != self.config.num_hidden_layers:
-            raise ValueError(f"MegatronReplay: {len(self.routers)} MoE routers for {self.config.num_hidden_layers} layers")
+        if len(self.routers) != self.config.layer_map.num_moe_layers:
+            raise ValueError(f"MegatronReplay: {len(self.routers)} MoE routers for {self.config.layer_map.num_moe_layers} MoE layers")
         self.check_routing_map = check_routing_map
         self._mode: str | None = None
         self._trace: RoutingTrace | None = None
@@ -341,7 +341,8 @@ class MegatronReplay:
         forward of this model ran raises (a replay that silently did nothing).
         """
         cfg = self.config
-        trace.check_compatible(num_layers=cfg.num_hidden_layers, top_k=cfg.num_experts_per_tok, num_experts=cfg.num_experts)
+        trace.check_compatible(num_layers=cfg.layer_map.num_moe_layers, top_k=cfg.num_experts_per_tok, num_experts=cfg.num_experts)
+        trace.check_router_family(cfg.router_spec.family)
         if seq_lengths is not None:
             trace.check_alignment(seq_lengths)
         if invalid_rows not in ("native", "error"):
