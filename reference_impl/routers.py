@@ -42,6 +42,7 @@ __all__ = [
     "gate_weights",
     "expert_token_counts",
     "update_expert_bias",
+    "hf_router_family",
 ]
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -52,6 +53,28 @@ def router_family(score_function: str, expert_bias: bool) -> str:
     if score_function not in SCORE_FUNCTIONS:
         raise ConfigError(f"router: score function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
     return score_function + ("_bias" if expert_bias else "")
+
+
+_SIGMOID_BIAS_MODEL_TYPES = ("glm4_moe", "glm4_moe_lite", "deepseek_v3", "kimi_k2", "dots1")
+_SIGMOID_MODEL_TYPES = ("llama4", "llama4_text")
+
+
+def hf_router_family(config) -> str:
+    """The router family of a Hugging Face config (dict or ``PretrainedConfig``), from its keys only.
+
+    GLM-4.5 / DeepSeek-V3 / Kimi-K2 / dots.llm1 route ``sigmoid_bias``, Llama-4 ``sigmoid``; otherwise
+    DeepSeek's ``scoring_func`` (default softmax) plus a bias when ``topk_method == "noaux_tc"``.
+    """
+    d = config if isinstance(config, dict) else config.to_dict()
+    text = d.get("text_config")
+    model_type = d.get("model_type")
+    if isinstance(text, dict) and text.get("model_type"):
+        model_type, d = text["model_type"], text
+    if model_type in _SIGMOID_BIAS_MODEL_TYPES:
+        return router_family("sigmoid", True)
+    if model_type in _SIGMOID_MODEL_TYPES:
+        return router_family("sigmoid", False)
+    return router_family(d.get("scoring_func", "softmax"), d.get("topk_method") == "noaux_tc")
 
 
 @dataclass(frozen=True)
