@@ -9,7 +9,7 @@ Two journeys, one import:
 * :func:`record_routing`, :func:`replay_routing`, :class:`ReplayStats`; the interface a model must
   offer, :class:`ReplayHost` with :class:`RoutingShape`; decoder ↔ MoE layers, :class:`LayerMap`;
 * converters from the engines' layouts: :func:`from_vllm`, :func:`routed_experts_to_trace`,
-  :func:`from_sglang`, :func:`from_verl`, :func:`from_sentinel_rows`, :func:`from_layer_major`,
+  :func:`from_sglang`, :func:`from_slime`, :func:`from_verl`, :func:`from_sentinel_rows`, :func:`from_layer_major`,
   :func:`to_layer_major`;
 * a tiny Qwen3-MoE that obeys replay: :class:`MoEConfig`, :class:`MoEForCausalLM`,
   :func:`save_hf_checkpoint`, :func:`load_hf_checkpoint`.
@@ -37,6 +37,7 @@ from .converters import (
     from_layer_major,
     from_sentinel_rows,
     from_sglang,
+    from_slime,
     from_verl,
     from_vllm,
     routed_experts_to_trace,
@@ -88,6 +89,7 @@ __all__ = [
     "from_vllm",
     "routed_experts_to_trace",
     "from_sglang",
+    "from_slime",
     "from_verl",
     "from_sentinel_rows",
     "from_layer_major",

@@ -36,6 +36,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import hf_forward_with_routes  # noqa: E402
 from reference_impl import RoutingTrace, load_hf_checkpoint, replay_routing  # noqa: E402
 from reference_impl.integrations import vllm as rv  # noqa: E402
+from reference_impl.integrations import vllm_client  # noqa: E402
 from reference_impl.model import MoEConfig, MoEForCausalLM  # noqa: E402
 from reference_impl.batch import RolloutBatch  # noqa: E402
 from reference_impl.logprobs import next_token_logprobs  # noqa: E402
@@ -275,11 +276,11 @@ def test_logprobs_before_temperature_are_refused():
         return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(model_config=SimpleNamespace(logprobs_mode=mode))))
 
     with pytest.raises(ValueError, match="processed_logprobs"):
-        rv._prepare_params(fake_llm("raw_logprobs"), SamplingParams(temperature=0.7), 2, False)
+        vllm_client._prepare_params(fake_llm("raw_logprobs"), SamplingParams(temperature=0.7), 2, False)
     with pytest.raises(ValueError, match="processed_logprobs"):
-        rv._prepare_params(fake_llm("raw_logprobs"), SamplingParams(top_p=0.9), 1, False)
-    params = rv._prepare_params(fake_llm("raw_logprobs"), SamplingParams(temperature=1.0), 2, True)
+        vllm_client._prepare_params(fake_llm("raw_logprobs"), SamplingParams(top_p=0.9), 1, False)
+    params = vllm_client._prepare_params(fake_llm("raw_logprobs"), SamplingParams(temperature=1.0), 2, True)
     assert [(p.logprobs, p.prompt_logprobs) for p in params] == [(0, 0), (0, 0)]
-    assert rv._prepare_params(fake_llm("processed_logprobs"), SamplingParams(temperature=0.7), 1, False)[0].logprobs == 0
+    assert vllm_client._prepare_params(fake_llm("processed_logprobs"), SamplingParams(temperature=0.7), 1, False)[0].logprobs == 0
     with pytest.raises(ValueError, match="n must be 1"):
-        rv._prepare_params(fake_llm("processed_logprobs"), SamplingParams(n=2), 1, False)
+        vllm_client._prepare_params(fake_llm("processed_logprobs"), SamplingParams(n=2), 1, False)
