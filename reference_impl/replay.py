@@ -91,6 +91,8 @@ class ReplayHost(Protocol):
                                                     ``recorder.add(routes[B, T, L, k], offset=offset)`` on each
     ==================  ==========================  ============================================================
 
+    ``routing_shape.router_family`` (optional, e.g. ``"sigmoid_bias"``) is checked against a replayed
+    trace's family (:meth:`RoutingTrace.check_router_family`) and written into recorded traces.
     :class:`reference_impl.MoEForCausalLM` implements it natively; transformers models get it from
     :func:`reference_impl.integrations.transformers.attach_routing`.
     """
