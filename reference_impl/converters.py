@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import AlignmentError, ConfigError, TraceFormatError
+from .layers import LayerMap
 from .routing import RoutingTrace, routed_rows
 
 __all__ = [
@@ -84,6 +85,8 @@ def routed_experts_to_trace(
     *,
     num_tokens: int | None = None,
     prompt_start: int = 0,
+    layer_map: LayerMap | None = None,
+    router_family: str | None = None,
 ) -> RoutingTrace:
     """Convert vLLM's official ``CompletionOutput.routed_experts`` into a one-sequence trace.
 
@@ -96,6 +99,11 @@ def routed_experts_to_trace(
         prompt_start: ``SamplingParams.routed_experts_prompt_start``: vLLM then omits the first
             ``prompt_start`` rows (multi-turn); they are kept here as *invalid* rows so the trace
             still covers positions ``0 .. n-2``.
+        layer_map: the model's decoder-layer pattern (``LayerMap.from_hf_config(config)``). vLLM's
+            array has one column per **decoder** layer (``num_hidden_layers``), dense ones included
+            and never written; with a map the dense columns are dropped by configuration, leaving the
+            trace's MoE-layer axis. Required when the model has dense layers.
+        router_family: recorded in the trace (e.g. ``"sigmoid_bias"`` for GLM-4.5 / DeepSeek-V3).
 
     Not tested against a live engine (the official path is blocked on CPU), only on arrays of the
     documented layout.
@@ -112,6 +120,8 @@ def routed_experts_to_trace(
         )
     if prompt_start < 0:
         raise ValueError(f"prompt_start must be >= 0, got {prompt_start}")
+    if layer_map is not None:
+        arr = layer_map.moe_columns(arr)
     rows, num_layers, top_k = arr.shape
     if num_tokens is not None:
         expected = routed_rows(num_tokens) - prompt_start
@@ -126,19 +136,29 @@ def routed_experts_to_trace(
     if prompt_start:
         valid[:prompt_start] = False
         ids = torch.cat([torch.zeros(prompt_start, num_layers, top_k, dtype=torch.int64), ids])
-    return RoutingTrace(ids, num_experts, valid)
+    return RoutingTrace(ids, num_experts, valid, router_family=router_family)
 
 
-def from_vllm(routed_experts: Sequence, seq_lengths: Sequence[int], num_experts: int) -> RoutingTrace:
-    """vLLM's ``CompletionOutput.routed_experts`` arrays, one per sequence, ``[prompt+gen-1, L, k]``.
+def from_vllm(
+    routed_experts: Sequence,
+    seq_lengths: Sequence[int],
+    num_experts: int,
+    *,
+    layer_map: LayerMap | None = None,
+    router_family: str | None = None,
+) -> RoutingTrace:
+    """vLLM's ``CompletionOutput.routed_experts`` arrays, one per sequence, ``[prompt+gen-1, num_hidden_layers, k]``.
 
-    ``seq_lengths[i]`` = prompt + generated tokens of sequence ``i``. See :func:`routed_experts_to_trace`.
+    ``seq_lengths[i]`` = prompt + generated tokens of sequence ``i``. See :func:`routed_experts_to_trace`
+    (``layer_map`` drops dense-layer columns).
     """
     _check_batch("from_vllm", "routed_experts", routed_experts, ("seq_lengths", seq_lengths))
     parts = []
     for i, (arr, n) in enumerate(zip(routed_experts, seq_lengths, strict=True)):
         try:
-            parts.append(routed_experts_to_trace(arr, num_experts, num_tokens=int(n)))
+            parts.append(
+                routed_experts_to_trace(arr, num_experts, num_tokens=int(n), layer_map=layer_map, router_family=router_family)
+            )
         except ValueError as err:
             raise type(err)(f"from_vllm: sequence {i}: {err}") from None  # keeps the package's error class
     return RoutingTrace.concatenate(parts)

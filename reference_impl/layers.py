@@ -24,6 +24,8 @@ from .errors import ConfigError
 
 __all__ = ["LayerMap", "moe_layer_pattern"]
 
+_TEXT_CONFIG_KEYS = ("text_config",)
+
 
 def moe_layer_pattern(num_layers: int, *, first_k_dense: int = 0, moe_layer_freq: int | Sequence[int] = 1) -> tuple[bool, ...]:
     """``pattern[i]`` is True iff decoder layer ``i`` is an MoE layer (see the module docstring)."""
@@ -52,6 +54,41 @@ class LayerMap:
     @classmethod
     def from_config(cls, num_layers: int, *, first_k_dense: int = 0, moe_layer_freq: int | Sequence[int] = 1) -> "LayerMap":
         return cls(moe_layer_pattern(num_layers, first_k_dense=first_k_dense, moe_layer_freq=moe_layer_freq))
+
+    @classmethod
+    def from_hf_config(cls, config) -> "LayerMap":
+        """The pattern of a Hugging Face ``config.json`` (a dict or a ``PretrainedConfig``), from its keys only.
+
+        Reads ``first_k_dense_replace`` and ``moe_layer_freq`` (DeepSeek-V3, GLM-4.5, dots.llm1,
+        Kimi-K2), ``mlp_only_layers`` and ``decoder_sparse_step`` (Qwen2/3-MoE: decoder layer ``i`` is
+        MoE iff ``i`` is not listed and ``(i + 1) % step == 0``); absent keys mean every layer is MoE.
+        """
+        d = config if isinstance(config, dict) else config.to_dict()
+        for key in _TEXT_CONFIG_KEYS:
+            if isinstance(d.get(key), dict) and "num_hidden_layers" in d[key]:
+                d = d[key]
+        n = d.get("num_hidden_layers")
+        pattern = moe_layer_pattern(
+            n, first_k_dense=d.get("first_k_dense_replace") or 0, moe_layer_freq=d.get("moe_layer_freq") or 1
+        )
+        mlp_only = set(d.get("mlp_only_layers") or [])
+        step = d.get("decoder_sparse_step") or 1
+        if not isinstance(step, int) or step < 1:
+            raise ConfigError(f"LayerMap.from_hf_config: decoder_sparse_step must be an int >= 1, got {step!r}")
+        return cls(tuple(moe and i not in mlp_only and (i + 1) % step == 0 for i, moe in enumerate(pattern)))
+
+    def moe_columns(self, per_decoder_layer):
+        """Keep the MoE-layer columns of an array laid out over **all** decoder layers on axis 1.
+
+        vLLM's official ``routed_experts`` is ``[rows, num_hidden_layers, k]``; dense-layer columns are
+        never written (zeros that would read as "expert 0, k times"), so they are dropped by this map,
+        never by looking at their values.
+        """
+        if per_decoder_layer.shape[1] != len(self.pattern):
+            raise ConfigError(
+                f"LayerMap: expected {len(self.pattern)} decoder-layer columns on axis 1, got shape {tuple(per_decoder_layer.shape)}"
+            )
+        return per_decoder_layer[:, list(self.moe_layers)]
 
     @property
     def num_decoder_layers(self) -> int:

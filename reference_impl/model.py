@@ -12,11 +12,17 @@ checkpoint loads here, in ``transformers`` and in vLLM:
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight   SwiGLU experts
     model.norm.weight, lm_head.weight
 
-Routing (Qwen3-MoE): ``p = softmax(W_r h)`` over all experts, the top-k experts are selected, and
-their gate weights are ``p[e]`` (renormalized over the k selected when ``norm_topk_prob``). The
-*selection* is delegated to the model's routing policy (:mod:`reference_impl.replay`): native
-top-k, or replayed ids. The gate weights are always recomputed from the live router logits over
-the selected ids, so the router keeps its gradient under replay.
+Routing (Qwen3-MoE by default): ``p = softmax(W_r h)`` over all experts, the top-k experts are
+selected, and their gate weights are ``p[e]`` (renormalized over the k selected when
+``norm_topk_prob``). The other router families people train with RL (GLM-4.5, DeepSeek-V3: sigmoid
+scores, a selection bias, group-limited top-k, ``routed_scaling_factor``, shared experts, dense
+first layers) are configuration (:class:`MoEConfig`, rules in :mod:`reference_impl.routers`); such
+a model exports to the GLM-4.5 checkpoint format (:mod:`reference_impl.checkpoint`), with
+``mlp.gate.e_score_correction_bias`` (a buffer), ``mlp.shared_experts.*`` and dense layers'
+``mlp.{gate,up,down}_proj``. The *selection* is delegated to the model's routing policy
+(:mod:`reference_impl.replay`): native top-k (of the biased, group-limited selection scores), or
+replayed ids. The gate weights are always recomputed from the live router logits over the
+selected ids, so the router keeps its gradient under replay.
 
 Every forward returns the routes it used, ``routes[b, t, layer, :]`` (expert ids sorted
 ascending), including incremental forwards with a :class:`KVCache`.
@@ -24,6 +30,7 @@ ascending), including incremental forwards with a :class:`KVCache`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -32,7 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import ConfigError
+from .layers import LayerMap
 from .replay import NativeRouting, RoutingPolicy, RoutingShape
+from .routers import RouterSpec, expert_token_counts, gate_weights, selection_scores
 
 __all__ = ["MoEConfig", "MoEForCausalLM", "MoEOutput", "KVCache"]
 
@@ -61,8 +71,26 @@ class MoEConfig:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     router_initializer_range: float | None = None  # std of router weights; None = initializer_range
+    # Router family and layer pattern (reference_impl.routers, reference_impl.layers); defaults = Qwen3-MoE.
+    score_function: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3's ``scoring_func``)
+    expert_bias: bool = False  # selection bias ``mlp.gate.e_score_correction_bias`` (a buffer, no gradient)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    n_shared_experts: int = 0  # shared expert width = n_shared_experts * moe_intermediate_size
+    first_k_dense_replace: int = 0  # decoder layers 0 .. k-1 are dense
+    moe_layer_freq: int | tuple[int, ...] = 1  # see reference_impl.layers.moe_layer_pattern
+    intermediate_size: int | None = None  # dense-layer MLP width; None = moe_intermediate_size
+    bias_initializer_range: float = 0.0  # std of the initial selection bias (tests; real models train it)
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe_layer_freq, list):
+            self.moe_layer_freq = tuple(self.moe_layer_freq)
+        if self.n_shared_experts < 0:
+            raise ConfigError(f"MoEConfig: n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        self.router_spec  # validates the router fields
+        if self.layer_map.num_moe_layers == 0:
+            raise ConfigError("MoEConfig: the layer pattern leaves no MoE layer")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"MoEConfig: num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -78,14 +106,42 @@ class MoEConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def router_spec(self) -> RouterSpec:
+        """The routing rule of every MoE layer."""
+        return RouterSpec(
+            num_experts=self.num_experts,
+            top_k=self.num_experts_per_tok,
+            score_function=self.score_function,
+            expert_bias=self.expert_bias,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+        )
+
+    @property
+    def layer_map(self) -> LayerMap:
+        """Which decoder layers are MoE layers (the trace's layer axis counts those only)."""
+        return LayerMap.from_config(
+            self.num_hidden_layers, first_k_dense=self.first_k_dense_replace, moe_layer_freq=self.moe_layer_freq
+        )
+
 
 @dataclass
 class MoEOutput:
-    """logits ``[batch, seq, vocab]``; routes ``[batch, seq, num_layers, top_k]`` (int64, sorted ids)."""
+    """logits ``[batch, seq, vocab]``; routes ``[batch, seq, num_moe_layers, top_k]`` (int64, sorted ids).
+
+    ``tokens_per_expert`` ``[num_moe_layers, num_experts]``: tokens each expert received in this
+    forward, from the routes actually used (replayed or native), padding (``attention_mask`` 0)
+    left out: the input of the auxiliary-loss-free bias update
+    (:func:`reference_impl.routers.update_expert_bias`).
+    """
 
     logits: torch.Tensor
     routes: torch.Tensor
-    router_logits: tuple[torch.Tensor, ...] | None = None  # per layer ``[batch*seq, num_experts]``
+    router_logits: tuple[torch.Tensor, ...] | None = None  # per MoE layer ``[batch*seq, num_experts]``
+    tokens_per_expert: torch.Tensor | None = None
 
 
 class KVCache:
@@ -186,31 +242,36 @@ class Expert(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# --8<-- [start:gate-weights]
-def gate_weights(router_logits: torch.Tensor, expert_ids: torch.Tensor, norm_topk_prob: bool) -> torch.Tensor:
-    """Gate weights of the selected experts, recomputed from live logits.
+class Router(nn.Module):
+    """Router logits ``z = W h`` (fp32 for sigmoid routers, as GLM-4.5 / DeepSeek-V3), plus the selection bias buffer."""
 
-    ``w[n, j] = p[n, ids[n, j]]`` with ``p = softmax(router_logits)`` over *all* experts (fp32),
-    renormalized over the k selected when ``norm_topk_prob``. Gathering from the full softmax (never
-    from a zero-filled post-top-k tensor) keeps a gradient to the router for replayed ids.
-    """
-    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights = probs.gather(1, expert_ids)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights
-# --8<-- [end:gate-weights]
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.spec = cfg.router_spec
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear: same RNG stream as before
+        if cfg.expert_bias:  # a buffer: saved, synced and loaded with the weights, never trained by backward
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.spec.score_function == "sigmoid":
+            return F.linear(h.float(), self.weight.float())
+        return F.linear(h, self.weight)
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + experts. The routing policy picks the expert ids; gate weights come from live logits."""
+    """Router + experts (+ shared experts). The routing policy picks the ids; gate weights come from live logits."""
 
     def __init__(self, cfg: MoEConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.spec = cfg.router_spec
+        self.gate = Router(cfg)
         self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        if cfg.n_shared_experts:
+            self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
     # --8<-- [start:moe-block]
     def forward(self, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]):
@@ -218,9 +279,12 @@ class SparseMoeBlock(nn.Module):
         flat = x.reshape(-1, h)
         router_logits = self.gate(flat)  # [N, E]
         # Selection never carries gradient (and must save nothing for backward, so a recompute
-        # that reuses the forward's ids saves the same tensors).
-        ids = select(router_logits.detach()).sort(dim=-1).values  # [N, k]; order never matters
-        weights = gate_weights(router_logits, ids, self.norm_topk_prob).to(x.dtype)
+        # that reuses the forward's ids saves the same tensors). The policy sees the selection
+        # scores: native routing takes their top-k (biased, group-limited), replay ignores them.
+        with torch.no_grad():
+            choice = selection_scores(router_logits.detach(), self.spec, self.gate.e_score_correction_bias)
+        ids = select(choice).sort(dim=-1).values  # [N, k]; order never matters
+        weights = gate_weights(router_logits, ids, self.spec).to(x.dtype)
         out = torch.zeros_like(flat)
         token_idx_all = torch.arange(flat.shape[0], device=x.device)
         for e in ids.unique().tolist():
@@ -228,20 +292,30 @@ class SparseMoeBlock(nn.Module):
             tok = token_idx_all[hit.any(dim=-1)]
             w = (weights * hit).sum(dim=-1)[tok]
             out.index_add_(0, tok, self.experts[e](flat[tok]) * w[:, None])
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(flat)
         return out.view(b, t, h), ids, router_logits
     # --8<-- [end:moe-block]
 
 
 class DecoderLayer(nn.Module):
+    """Attention + MLP; the MLP is a :class:`SparseMoeBlock`, or a dense SwiGLU on dense layers."""
+
     def __init__(self, cfg: MoEConfig, layer_idx: int) -> None:
         super().__init__()
+        self.is_moe = cfg.layer_map.pattern[layer_idx]
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoeBlock(cfg, layer_idx)
+        if self.is_moe:
+            self.mlp = SparseMoeBlock(cfg, layer_idx)
+        else:
+            self.mlp = Expert(cfg.hidden_size, cfg.intermediate_size or cfg.moe_intermediate_size)
 
     def forward(self, x, cos, sin, attn_mask, cache, select):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+        if not self.is_moe:  # dense layer: no routes, never replayed
+            return x + self.mlp(self.post_attention_layernorm(x)), None, None
         moe_out, ids, router_logits = self.mlp(self.post_attention_layernorm(x), select)
         return x + moe_out, ids, router_logits
 
@@ -296,9 +370,14 @@ class MoEForCausalLM(nn.Module):
 
     @property
     def routing_shape(self) -> RoutingShape:
-        """The routed layers as a trace stores them (:class:`reference_impl.replay.ReplayHost`)."""
+        """The routed (MoE) layers as a trace stores them (:class:`reference_impl.replay.ReplayHost`)."""
         cfg = self.config
-        return RoutingShape(num_layers=cfg.num_hidden_layers, top_k=cfg.num_experts_per_tok, num_experts=cfg.num_experts)
+        return RoutingShape(
+            num_layers=cfg.layer_map.num_moe_layers,
+            top_k=cfg.num_experts_per_tok,
+            num_experts=cfg.num_experts,
+            router_family=cfg.router_spec.family,
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -311,9 +390,15 @@ class MoEForCausalLM(nn.Module):
                 p.normal_(0.0, router_std)
             else:
                 p.normal_(0.0, std)
+        for name, buf in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.zero_()
+                if self.config.bias_initializer_range:
+                    buf.normal_(0.0, self.config.bias_initializer_range)
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers (dense and MoE; a :class:`KVCache` holds one entry per decoder layer)."""
         return self.config.num_hidden_layers
 
     def forward(
@@ -338,18 +423,23 @@ class MoEForCausalLM(nn.Module):
         step = self.routing.start_forward(batch=b, seq_len=t, offset=past, top_k=self.config.num_experts_per_tok)
         all_ids, all_router_logits = [], []
         for i, layer in enumerate(self.model.layers):
-            select = _RouteOnce(lambda logits, i=i: step.select(i, logits))
+            # The policy numbers MoE layers by ordinal (the trace's layer axis); dense layers have none.
+            ordinal = len(all_ids)
+            select = _RouteOnce(lambda logits, j=ordinal: step.select(j, logits))
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, ids, router_logits = checkpoint(layer, x, cos, sin, attn_mask, cache, select, use_reentrant=False)
             else:
                 x, ids, router_logits = layer(x, cos, sin, attn_mask, cache, select)
-            all_ids.append(ids.view(b, t, -1))
-            all_router_logits.append(router_logits)
+            if ids is not None:
+                all_ids.append(ids.view(b, t, -1))
+                all_router_logits.append(router_logits)
         logits = self.lm_head(self.model.norm(x))
-        routes = torch.stack(all_ids, dim=2)  # [b, t, L, k]
+        routes = torch.stack(all_ids, dim=2)  # [b, t, L_moe, k]
         for recorder in self.route_recorders:
             recorder.add(routes, offset=past)
-        return MoEOutput(logits, routes, tuple(all_router_logits) if output_router_logits else None)
+        mask = None if attention_mask is None else attention_mask[:, past:]
+        counts = expert_token_counts(routes, self.config.num_experts, mask)
+        return MoEOutput(logits, routes, tuple(all_router_logits) if output_router_logits else None, counts)
 
 
 def _causal_mask(b: int, t: int, past: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:

@@ -73,6 +73,9 @@ def engine_copy(model: nn.Module, numerics: str) -> nn.Module:
     if numerics == "fp32":
         return engine.float()
     engine = engine.to(torch.bfloat16)
+    for name, buf in engine.named_buffers():  # a router's selection bias stays fp32 (as in vLLM and HF)
+        if name.endswith("e_score_correction_bias"):
+            buf.data = model.get_buffer(name).detach().to(torch.float32).clone()
     if numerics in _FP8:
         for module in engine.modules():
             if isinstance(module, nn.Linear):

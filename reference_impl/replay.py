@@ -16,7 +16,11 @@ Activation recompute needs no mode of its own: the model fixes each layer's ids 
 call, and ``torch.utils.checkpoint``'s recompute reuses them (Megatron's REPLAY_BACKWARD).
 
 Replay fixes expert *identities* only; gate weights are recomputed from live logits
-(:func:`reference_impl.model.gate_weights`).
+(:func:`reference_impl.routers.gate_weights`, the one rule for every router family). A model's
+routers hand ``select`` their *selection scores* (:func:`reference_impl.routers.selection_scores`:
+the logits for softmax routers, the biased, group-limited scores for GLM-4.5 / DeepSeek-V3), so
+the native choice, here and for invalid rows under replay, is always their top-k. Replay into a
+model of another router family is refused (:meth:`RoutingTrace.check_router_family`).
 """
 
 from __future__ import annotations
@@ -48,7 +52,11 @@ class ForwardRouting(Protocol):
     """Routing decisions for one forward call."""
 
     def select(self, layer: int, router_logits: torch.Tensor) -> torch.Tensor:
-        """Expert ids ``[tokens, top_k]`` (int64) for ``router_logits`` ``[tokens, num_experts]``."""
+        """Expert ids ``[tokens, top_k]`` (int64) for selection scores ``[tokens, num_experts]``.
+
+        The native choice is the top-k of the scores (router logits for softmax routers; the
+        biased, group-limited scores of :func:`reference_impl.routers.selection_scores` otherwise).
+        """
 
 
 class RoutingPolicy(Protocol):
@@ -63,6 +71,7 @@ class RoutingShape:
     num_layers: int  # L: routed (MoE) layers, in the order the trace's layer axis uses
     top_k: int  # k
     num_experts: int  # E
+    router_family: str | None = None  # reference_impl.routers.router_family; None = not declared
 
 
 class ReplayHost(Protocol):
@@ -83,6 +92,8 @@ class ReplayHost(Protocol):
                                                     ``recorder.add(routes[B, T, L, k], offset=offset)`` on each
     ==================  ==========================  ============================================================
 
+    ``routing_shape.router_family`` (optional, e.g. ``"sigmoid_bias"``) is checked against a replayed
+    trace's family (:meth:`RoutingTrace.check_router_family`) and written into recorded traces.
     :class:`reference_impl.MoEForCausalLM` implements it natively; transformers models get it from
     :func:`reference_impl.integrations.transformers.attach_routing`.
     """
@@ -93,7 +104,7 @@ class ReplayHost(Protocol):
 
 
 def native_topk(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The native choice: the ``top_k`` largest router logits (= largest softmax probabilities)."""
+    """The native choice: the ``top_k`` largest selection scores (router logits = largest softmax probabilities)."""
     return torch.topk(router_logits, top_k, dim=-1).indices
 
 
@@ -151,8 +162,11 @@ class ReplayRouting:
     (``offset`` 0) or incremental with a KV cache (``offset`` > 0).
     """
 
-    def __init__(self, trace: RoutingTrace, *, num_layers: int, top_k: int, num_experts: int) -> None:
+    def __init__(
+        self, trace: RoutingTrace, *, num_layers: int, top_k: int, num_experts: int, router_family: str | None = None
+    ) -> None:
         trace.check_compatible(num_layers=num_layers, top_k=top_k, num_experts=num_experts)
+        trace.check_router_family(router_family)
         self.trace = trace
         self.stats = ReplayStats()
         self._grid: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -198,8 +212,8 @@ class ReplayRouting:
 class RouteRecorder:
     """Collects the routes of every forward of a model (incremental forwards are appended in time)."""
 
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
+    def __init__(self, num_experts: int, router_family: str | None = None) -> None:
+        self.num_experts, self.router_family = num_experts, router_family
         self.chunks: list[torch.Tensor] = []
         self._length = 0
 
@@ -223,10 +237,10 @@ class RouteRecorder:
 
     def trace(self, seq_lengths: Sequence[int], valid: torch.Tensor | None = None) -> RoutingTrace:
         """The recorded routes of a right-padded batch as a trace (``n_i - 1`` rows per sequence)."""
-        return RoutingTrace.from_padded(self.routes, seq_lengths, self.num_experts, valid)
+        return RoutingTrace.from_padded(self.routes, seq_lengths, self.num_experts, valid, router_family=self.router_family)
 
 
-def _routing_shape(model: ReplayHost) -> tuple[int, int, int]:
+def _routing_shape(model: ReplayHost) -> RoutingShape:
     shape = getattr(model, "routing_shape", None)
     if not isinstance(shape, RoutingShape) or not hasattr(model, "routing") or not hasattr(model, "route_recorders"):
         raise TypeError(
@@ -234,7 +248,7 @@ def _routing_shape(model: ReplayHost) -> tuple[int, int, int]:
             "route_recorders (see reference_impl.replay.ReplayHost); wrap transformers models with "
             "reference_impl.integrations.transformers.attach_routing"
         )
-    return shape.num_layers, shape.top_k, shape.num_experts
+    return shape
 
 
 @contextmanager
@@ -245,7 +259,8 @@ def record_routing(model: ReplayHost) -> Iterator[RouteRecorder]:
     ...     model(input_ids)
     >>> trace = rec.trace(seq_lengths)
     """
-    recorder = RouteRecorder(num_experts=_routing_shape(model)[2])
+    shape = _routing_shape(model)
+    recorder = RouteRecorder(num_experts=shape.num_experts, router_family=shape.router_family)
     model.route_recorders.append(recorder)
     try:
         yield recorder
@@ -268,10 +283,12 @@ def replay_routing(
     that silently did nothing (e.g. the model was rebuilt and the forward ran on another instance)
     is the failure real frameworks hit with orphaned replay objects.
     """
-    num_layers, top_k, num_experts = _routing_shape(model)
+    shape = _routing_shape(model)
     if seq_lengths is not None:
         trace.check_alignment(seq_lengths)
-    policy = ReplayRouting(trace, num_layers=num_layers, top_k=top_k, num_experts=num_experts)
+    policy = ReplayRouting(
+        trace, num_layers=shape.num_layers, top_k=shape.top_k, num_experts=shape.num_experts, router_family=shape.router_family
+    )
     previous = model.routing
     model.routing = policy
     ok = False

@@ -128,5 +128,7 @@ class RolloutEngine:
             mask[i, p - 1 : s - 1] = 1.0
             cols = min(s - 1, routes_left.shape[1] - int(pad[i]))
             routes[i, :cols] = routes_left[i, pad[i] : pad[i] + cols]
-        trace = RoutingTrace.from_padded(routes, seq_lengths.tolist(), self.model.config.num_experts)
+        trace = RoutingTrace.from_padded(
+            routes, seq_lengths.tolist(), self.model.config.num_experts, router_family=self.model.routing_shape.router_family
+        )
         return RolloutBatch(tokens, plen, seq_lengths, rollout_logp, mask, trace, group_ids)

@@ -19,6 +19,7 @@ statistics.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -26,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import AlignmentError, TraceFormatError
+from .errors import AlignmentError, ConfigError, TraceFormatError
 from .trace_packing import decode_sets, encode_sets, packed_layout
 
 __all__ = [
@@ -42,7 +43,7 @@ MAX_NUM_EXPERTS = 32767
 _FORMAT_NAME = "reference_impl.RoutingTrace"
 _FORMAT_VERSION = "1"  # plain compact expert_ids
 _PACKED_VERSION = "2"  # packed_ids at the information bound (reference_impl.trace_packing)
-_RESERVED_KEYS = ("format", "version", "num_experts", "num_layers", "top_k", "packing")
+_RESERVED_KEYS = ("format", "version", "num_experts", "num_layers", "top_k", "packing", "router_family")
 
 
 # --8<-- [start:compact-dtype]
@@ -112,6 +113,9 @@ class RoutingTrace:
         valid: optional bool tensor ``[num_tokens]``; default all True.
         rows_per_seq: optional number of rows of each sequence (sums to ``num_tokens``);
             default: one sequence.
+        router_family: the router family that produced the ids (``softmax``, ``sigmoid_bias``, …;
+            :func:`reference_impl.routers.router_family`), saved as the metadata key
+            ``router_family``; replay into a model of another family is refused. None = unknown.
     """
 
     def __init__(
@@ -120,6 +124,8 @@ class RoutingTrace:
         num_experts: int,
         valid: torch.Tensor | None = None,
         rows_per_seq: Sequence[int] | None = None,
+        *,
+        router_family: str | None = None,
     ) -> None:
         dtype = compact_dtype(num_experts)
         if not isinstance(expert_ids, torch.Tensor):
@@ -157,9 +163,11 @@ class RoutingTrace:
             )
 
         _check_ids(expert_ids, valid, num_experts)
-        self._set(expert_ids.to(dtype, copy=True), num_experts, valid, rows_per_seq)
+        self._set(expert_ids.to(dtype, copy=True), num_experts, valid, rows_per_seq, router_family)
 
-    def _set(self, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: tuple[int, ...]) -> None:
+    def _set(
+        self, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: tuple[int, ...], router_family: str | None = None
+    ) -> None:
         """Store checked compact ids (in place: invalid rows get the canonical filler 0..k-1, never a sentinel)."""
         if not bool(valid.all()):
             ids[~valid] = torch.arange(ids.shape[2], dtype=ids.dtype)
@@ -167,12 +175,17 @@ class RoutingTrace:
         self.valid: torch.Tensor = valid
         self.num_experts: int = num_experts
         self.rows_per_seq: tuple[int, ...] = rows_per_seq
+        if router_family is not None and not isinstance(router_family, str):
+            raise TypeError(f"RoutingTrace: router_family must be a str or None, got {type(router_family).__name__}")
+        self.router_family: str | None = router_family
 
     @classmethod
-    def _from_checked(cls, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: Sequence[int]) -> "RoutingTrace":
+    def _from_checked(
+        cls, ids: torch.Tensor, num_experts: int, valid: torch.Tensor, rows_per_seq: Sequence[int], router_family: str | None = None
+    ) -> "RoutingTrace":
         """Wrap compact ids whose rows are already known to be valid sets (a packed decode proves it)."""
         trace = cls.__new__(cls)
-        trace._set(ids, num_experts, valid, tuple(int(r) for r in rows_per_seq))
+        trace._set(ids, num_experts, valid, tuple(int(r) for r in rows_per_seq), router_family)
         return trace
 
     # ------------------------------------------------------------------ shape
@@ -230,6 +243,26 @@ class RoutingTrace:
                 f"RoutingTrace: trace has num_experts={self.num_experts} but the model has {num_experts} experts"
             )
 
+    def check_router_family(self, model_family: str | None) -> None:
+        """Refuse replay into a model of another router family; warn when the trace does not say its family.
+
+        The ids of a ``softmax`` trace are not the choice a ``sigmoid_bias`` router would make (nor
+        the reverse): replaying one into the other silently trains a different model's routing.
+        """
+        if model_family is None:
+            return
+        if self.router_family is None:
+            warnings.warn(
+                f"RoutingTrace: the trace does not record its router family; replaying it into a {model_family!r} "
+                "model unchecked (record with this package, or pass router_family= when building the trace)",
+                stacklevel=3,
+            )
+        elif self.router_family != model_family:
+            raise ConfigError(
+                f"RoutingTrace: the trace was recorded by a {self.router_family!r} router but the model routes with "
+                f"{model_family!r}: replaying ids across router families is refused"
+            )
+
     def check_alignment(self, seq_lengths: Sequence[int]) -> None:
         """Raise unless sequence ``i`` of ``seq_lengths[i]`` tokens has ``routed_rows(seq_lengths[i])`` rows."""
         seq_lengths = [int(n) for n in seq_lengths]
@@ -251,7 +284,11 @@ class RoutingTrace:
         for rows in self.rows_per_seq:
             out.append(
                 RoutingTrace(
-                    self.expert_ids[start : start + rows], self.num_experts, self.valid[start : start + rows], (rows,)
+                    self.expert_ids[start : start + rows],
+                    self.num_experts,
+                    self.valid[start : start + rows],
+                    (rows,),
+                    router_family=self.router_family,
                 )
             )
             start += rows
@@ -271,11 +308,15 @@ class RoutingTrace:
                     f"{(t.num_layers, t.top_k, t.num_experts)}, trace 0 has "
                     f"{(first.num_layers, first.top_k, first.num_experts)}"
                 )
+        families = {t.router_family for t in traces} - {None}
+        if len(families) > 1:
+            raise ConfigError(f"RoutingTrace.concatenate: traces come from different router families {sorted(families)}")
         return RoutingTrace(
             torch.cat([t.expert_ids for t in traces]),
             first.num_experts,
             torch.cat([t.valid for t in traces]),
             tuple(r for t in traces for r in t.rows_per_seq),
+            router_family=families.pop() if families else None,
         )
 
     # --8<-- [start:append-turn]
@@ -294,7 +335,7 @@ class RoutingTrace:
             ids += [self.expert_ids[a0 : a0 + a], new_rows.expert_ids[b0 : b0 + b]]
             valid += [self.valid[a0 : a0 + a], new_rows.valid[b0 : b0 + b]]
         rows = [a + b for a, b in zip(self.rows_per_seq, new_rows.rows_per_seq)]
-        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows)
+        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows, self.router_family or new_rows.router_family)
 
     def rows_from(self, start: Sequence[int]) -> "RoutingTrace":
         """Rows ``start[i] ..`` of each sequence ``i`` (the tail a new turn adds)."""
@@ -306,7 +347,7 @@ class RoutingTrace:
             ids.append(self.expert_ids[a0 + s : a0 + a])
             valid.append(self.valid[a0 + s : a0 + a])
         rows = [r - s for r, s in zip(self.rows_per_seq, start)]
-        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows)
+        return RoutingTrace._from_checked(torch.cat(ids), self.num_experts, torch.cat(valid), rows, self.router_family)
 
     def append_turn(self, turn: "RoutingTrace") -> "RoutingTrace":
         """Multi-turn and partial rollouts: add the rows of a new turn, keeping the earlier turns' rows.
@@ -340,6 +381,8 @@ class RoutingTrace:
         seq_lengths: Sequence[int],
         num_experts: int,
         valid: torch.Tensor | None = None,
+        *,
+        router_family: str | None = None,
     ) -> "RoutingTrace":
         """Build a trace from per-position routes of a right-padded batch.
 
@@ -363,7 +406,7 @@ class RoutingTrace:
             row_valid = None
         else:
             row_valid = torch.cat([valid[b, :r] for b, r in enumerate(rows)]).to(torch.bool)
-        return RoutingTrace(ids, num_experts, row_valid, rows)
+        return RoutingTrace(ids, num_experts, row_valid, rows, router_family=router_family)
 
     def to_padded(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Lay the trace out on a right-padded grid for a forward over ``seq_len`` positions.
@@ -446,6 +489,8 @@ class RoutingTrace:
             prefix + "invalid_rows": torch.nonzero(~self.valid).flatten().to(torch.int64),
         }
         meta = {"format": _FORMAT_NAME, prefix + "num_experts": str(self.num_experts)}
+        if self.router_family is not None:  # optional metadata key (older files lack it)
+            meta[prefix + "router_family"] = self.router_family
         if not packed:
             tensors[prefix + "expert_ids"] = self.expert_ids.contiguous()
             return tensors, {**meta, "version": _FORMAT_VERSION}
@@ -493,7 +538,7 @@ class RoutingTrace:
                 raise TraceFormatError(f"{source}: {prefix}expert_ids has rank {ids.dim()} (shape {tuple(ids.shape)}), expected rank 3")
             valid = _valid_from(invalid_rows, ids.shape[0], source)
             try:
-                return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist())
+                return RoutingTrace(ids, num_experts, valid, rows_per_seq.tolist(), router_family=meta.get(prefix + "router_family"))
             except (TypeError, ValueError) as err:
                 raise TraceFormatError(f"{source}: {err}") from None
         if bool((rows_per_seq < 0).any()):
@@ -513,7 +558,9 @@ class RoutingTrace:
         valid = _valid_from(invalid_rows, num_tokens, source)
         flat = decode_sets(ids, layout, num_tokens * num_layers, dtype, source)
         try:
-            return RoutingTrace._from_checked(flat.view(num_tokens, num_layers, top_k), num_experts, valid, rows_per_seq.tolist())
+            return RoutingTrace._from_checked(
+                flat.view(num_tokens, num_layers, top_k), num_experts, valid, rows_per_seq.tolist(), router_family=meta.get(prefix + "router_family")
+            )
         except (TypeError, ValueError) as err:
             raise TraceFormatError(f"{source}: {err}") from None
 

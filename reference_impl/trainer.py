@@ -196,6 +196,7 @@ class StepGrid:
     rollout_routes: tuple[torch.Tensor, torch.Tensor]
     old_routes: tuple[torch.Tensor, torch.Tensor]
     num_experts: int
+    router_family: str | None = None
     native_old_logp: torch.Tensor | None = None
     native_old_routes: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -218,13 +219,14 @@ class StepGrid:
             rollout_routes=batch.rollout_trace.to_padded(width),
             old_routes=old_trace.to_padded(width),
             num_experts=old_trace.num_experts,
+            router_family=old_trace.router_family or batch.rollout_trace.router_family,
             native_old_logp=None if native_old is None else native_old[0],
             native_old_routes=None if native_old is None else native_old[1].to_padded(width),
         )
 
     def _trace(self, grid: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, width: int, lengths) -> RoutingTrace:
         ids, valid = grid
-        return RoutingTrace.from_padded(ids[idx, :width], lengths, self.num_experts, valid[idx, :width])
+        return RoutingTrace.from_padded(ids[idx, :width], lengths, self.num_experts, valid[idx, :width], router_family=self.router_family)
 
     def rows(self, idx: torch.Tensor) -> MiniBatch:
         width = int(self.seq_lengths[idx].max())

@@ -49,15 +49,16 @@ def model() -> MoEForCausalLM:
 
 
 def hf_forward_with_routes(hf_model, input_ids):
-    """Logits and per-layer top-k ids ``[b, t, L, k]`` (sorted) of a transformers Qwen3-MoE forward.
+    """Logits and per-MoE-layer top-k ids ``[b, t, L, k]`` (sorted) of a transformers MoE forward.
 
     Read from the routers' own outputs with forward hooks (not through this package's adapter),
-    so it is an independent check of our routes.
+    so it is an independent check of our routes. Dense layers (no ``mlp.gate`` router) are skipped.
     """
     captured = {}
+    moe_layers = [layer for layer in hf_model.model.layers if isinstance(getattr(layer.mlp, "gate", None), torch.nn.Module) and hasattr(layer.mlp.gate, "top_k")]
     handles = [
         layer.mlp.gate.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out[2]))
-        for i, layer in enumerate(hf_model.model.layers)
+        for i, layer in enumerate(moe_layers)
     ]
     try:
         with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 from reference_impl import RoutingTrace, record_routing, replay_routing
 from reference_impl.model import KVCache
-from reference_impl.model import gate_weights
+from reference_impl.routers import RouterSpec, gate_weights
 
 
 def record(model, input_ids, seq_lengths=None):
@@ -75,7 +75,7 @@ def test_gate_weights_are_recomputed_from_live_logits_over_replayed_ids():
 def test_replayed_ids_outside_the_native_top_k_still_give_the_router_gradient():
     logits = torch.tensor([[3.0, 2.0, 0.1, -1.0]], requires_grad=True)
     replayed = torch.tensor([[2, 3]])  # the two *least* likely experts
-    w = gate_weights(logits, replayed, norm_topk_prob=True)
+    w = gate_weights(logits, replayed, RouterSpec(num_experts=4, top_k=2))
     (w * torch.tensor([[1.0, -1.0]])).sum().backward()
     assert logits.grad[0, 2] != 0 and logits.grad[0, 3] != 0
 

@@ -73,6 +73,7 @@ from ..converters import from_layer_major, to_layer_major
 from ..errors import AlignmentError, ConfigError
 from ..layers import LayerMap
 from ..replay import ReplayStats
+from ..routers import router_family
 from ..routing import RoutingTrace
 from ..slicing import ParallelLayout, assemble_routes, slice_routes
 
@@ -114,6 +115,7 @@ class MoESizes:
     num_experts: int
     top_k: int
     layer_map: LayerMap
+    family: str  # the router family (reference_impl.routers.router_family) the config routes with
 
 
 def moe_sizes(config) -> MoESizes:
@@ -122,7 +124,8 @@ def moe_sizes(config) -> MoESizes:
     if not config.num_moe_experts:
         raise ConfigError("MegatronReplay: the model's config has no num_moe_experts (not an MoE model)")
     freq = config.moe_layer_freq
-    return MoESizes(int(config.num_moe_experts), int(config.moe_router_topk), LayerMap.from_config(int(config.num_layers), moe_layer_freq=freq))
+    family = router_family(getattr(config, "moe_router_score_function", "softmax"), bool(getattr(config, "moe_router_enable_expert_bias", False)))
+    return MoESizes(int(config.num_moe_experts), int(config.moe_router_topk), LayerMap.from_config(int(config.num_layers), moe_layer_freq=freq), family)
 
 
 # ------------------------------------------------------------------------------------- forward
@@ -487,6 +490,7 @@ class MegatronReplay:
         sizes = self.sizes
         trace.check_compatible(num_layers=sizes.layer_map.num_moe_layers, top_k=sizes.top_k, num_experts=sizes.num_experts)
         self._layout, self._slicer = self._check_layout(layout), slicer
+        trace.check_router_family(sizes.family)
         if seq_lengths is not None:
             trace.check_alignment(seq_lengths)
         if invalid_rows not in ("native", "error"):

@@ -1,4 +1,4 @@
-"""A megatron-core ``GPTModel`` from our tiny Qwen3-MoE checkpoints, on CPU: the loader the tests and tutorials use.
+"""A megatron-core ``GPTModel`` from our tiny Qwen3-MoE or GLM-4.5 checkpoints, on CPU: the loader the tests and tutorials use.
 
 * :func:`init_megatron_cpu` makes megatron-core usable in this process on CPU (gloo, the CPU shims
   of :mod:`reference_impl.integrations.megatron_cpu_shims`);
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+import warnings
 
 import torch
 
+from ..errors import ConfigError
 from ..model import MoEConfig, MoEForCausalLM
 from .megatron import _REF_CONFIG_ATTR
 
@@ -82,9 +84,56 @@ def init_megatron_cpu(
     return apply_cpu_shims()
 
 
-def megatron_config(cfg: MoEConfig, *, recompute: bool = False, **overrides):
-    """A ``TransformerConfig`` equal in function to the Qwen3-MoE ``cfg`` (fp32, CPU, replay enabled).
+def _router_family_config(cfg: MoEConfig, native_group_scoring: str) -> dict:
+    """megatron's router options for the family of ``cfg`` (GLM-4.5: sigmoid, expert bias, groups, scaling).
 
+    megatron scores a group by the sum of its top-(k / topk_group) experts, HF and vLLM by the sum
+    of its top-2 (``FACTS-families.md``): when groups limit the choice (``topk_group < n_group``) and
+    ``k / topk_group != 2``, megatron's *native* routing (R2 recording, invalid rows, the last
+    position) differs from the engines'. Replayed rows are unaffected.
+    """
+    spec = cfg.router_spec
+    if spec.score_function == "softmax" and spec.expert_bias:
+        raise ConfigError("megatron_config: megatron refuses an expert bias with softmax scores (ERNIE-style routing)")
+    if not spec.norm_topk_prob and (spec.score_function == "softmax" or spec.top_k > 1):
+        raise ConfigError(
+            "megatron_config: norm_topk_prob=False has no megatron equivalent here (softmax: moe_router_pre_softmax=False "
+            "is norm_topk_prob=True; sigmoid: megatron always renormalises when k > 1)"
+        )
+    if spec.topk_group < spec.n_group and spec.top_k != 2 * spec.topk_group:
+        message = (
+            f"megatron_config: with topk_group={spec.topk_group} < n_group={spec.n_group} and k/topk_group = "
+            f"{spec.top_k / spec.topk_group:g} != 2, megatron scores groups by their top-{spec.top_k // spec.topk_group} "
+            "experts but HF / vLLM by their top-2: native routing (recording, invalid rows, the last position) differs"
+        )
+        if native_group_scoring == "refuse":
+            raise ConfigError(message + "; pass native_group_scoring='warn' to build it anyway (replay is unaffected)")
+        if native_group_scoring != "warn":
+            raise ConfigError(f"megatron_config: native_group_scoring must be 'refuse' or 'warn', got {native_group_scoring!r}")
+        warnings.warn(message, stacklevel=3)
+    kwargs = dict(
+        moe_router_score_function=spec.score_function,
+        moe_router_pre_softmax=False,  # softmax over the k selected logits == renormalized top-k probs
+        moe_router_enable_expert_bias=spec.expert_bias,
+    )
+    if spec.n_group > 1:
+        kwargs.update(moe_router_num_groups=spec.n_group, moe_router_group_topk=spec.topk_group)
+    if spec.routed_scaling_factor != 1.0:
+        kwargs.update(moe_router_topk_scaling_factor=spec.routed_scaling_factor)
+    if cfg.n_shared_experts:
+        kwargs.update(moe_shared_expert_intermediate_size=cfg.n_shared_experts * cfg.moe_intermediate_size)
+    return kwargs
+
+
+def megatron_config(cfg: MoEConfig, *, recompute: bool = False, native_group_scoring: str = "refuse", **overrides):
+    """A ``TransformerConfig`` equal in function to ``cfg`` (fp32, CPU, replay enabled).
+
+    Qwen3-MoE maps to a softmax router; GLM-4.5-style configs to ``moe_router_score_function="sigmoid"``,
+    ``moe_router_enable_expert_bias`` (``expert_bias`` loaded from ``e_score_correction_bias``),
+    ``moe_router_num_groups`` / ``moe_router_group_topk``, ``moe_router_topk_scaling_factor``,
+    ``moe_shared_expert_intermediate_size`` and ``moe_layer_freq`` (the :class:`~reference_impl.layers.LayerMap`
+    pattern as a 0/1 list). ``native_group_scoring`` (``"refuse"`` | ``"warn"``): what to do when
+    megatron's group scoring differs from HF / vLLM (see :func:`_router_family_config`).
     ``recompute=True`` sets ``recompute_granularity="full"`` (every layer recomputed in backward,
     ``recompute_method="uniform"``, one layer per unit). The parallel sizes come from megatron's
     ``parallel_state`` (sequence parallelism on whenever TP > 1: megatron's MoE requires it in
@@ -94,23 +143,18 @@ def megatron_config(cfg: MoEConfig, *, recompute: bool = False, **overrides):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if not cfg.norm_topk_prob:
-        raise ValueError(
-            "megatron_config: norm_topk_prob=False has no megatron equivalent here; "
-            "moe_router_pre_softmax=False (softmax over the top-k logits) is norm_topk_prob=True"
-        )
     kwargs = dict(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_key_value_heads,
         kv_channels=cfg.head_dim,
-        ffn_hidden_size=cfg.moe_intermediate_size,
+        ffn_hidden_size=cfg.intermediate_size or cfg.moe_intermediate_size,  # dense layers
         moe_ffn_hidden_size=cfg.moe_intermediate_size,
         num_moe_experts=cfg.num_experts,
         moe_router_topk=cfg.num_experts_per_tok,
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=False,  # softmax over the k selected logits == renormalized top-k probs
+        moe_layer_freq=[int(moe) for moe in cfg.layer_map.pattern],
+        **_router_family_config(cfg, native_group_scoring),
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
         moe_router_dtype="fp32",
@@ -164,7 +208,9 @@ def megatron_state_dict(state: dict[str, torch.Tensor], cfg: MoEConfig) -> dict[
     ``linear_qkv`` = per query group ``[q heads of the group; k; v]`` stacked along the output dim;
     ``linear_fc1`` = ``[gate_proj; up_proj]``; ``router.weight`` = ``mlp.gate.weight``;
     ``q_norm``/``k_norm`` -> ``q_layernorm``/``k_layernorm``; ``post_attention_layernorm`` ->
-    ``pre_mlp_layernorm``.
+    ``pre_mlp_layernorm``; ``mlp.gate.e_score_correction_bias`` -> ``mlp.router.expert_bias``;
+    ``mlp.shared_experts.*`` -> ``mlp.shared_experts.linear_fc{1,2}``; a dense layer's
+    ``mlp.{gate,up,down}_proj`` -> ``mlp.linear_fc{1,2}``.
     """
     groups, heads, hd, hidden = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
     per_group = heads // groups
@@ -180,16 +226,26 @@ def megatron_state_dict(state: dict[str, torch.Tensor], cfg: MoEConfig) -> dict[
         out[dst + "self_attention.k_layernorm.weight"] = state[src + "self_attn.k_norm.weight"]
         out[dst + "input_layernorm.weight"] = state[src + "input_layernorm.weight"]
         out[dst + "pre_mlp_layernorm.weight"] = state[src + "post_attention_layernorm.weight"]
+        if not cfg.layer_map.pattern[i]:
+            _swiglu(out, state, src + "mlp.", dst + "mlp.")
+            continue
         out[dst + "mlp.router.weight"] = state[src + "mlp.gate.weight"]
+        if cfg.expert_bias:
+            out[dst + "mlp.router.expert_bias"] = state[src + "mlp.gate.e_score_correction_bias"]
+        if cfg.n_shared_experts:
+            _swiglu(out, state, src + "mlp.shared_experts.", dst + "mlp.shared_experts.")
         for e in range(cfg.num_experts):
-            ex = f"{src}mlp.experts.{e}."
-            me = f"{dst}mlp.experts.local_experts.{e}."
-            out[me + "linear_fc1.weight"] = torch.cat([state[ex + "gate_proj.weight"], state[ex + "up_proj.weight"]], dim=0)
-            out[me + "linear_fc2.weight"] = state[ex + "down_proj.weight"]
+            _swiglu(out, state, f"{src}mlp.experts.{e}.", f"{dst}mlp.experts.local_experts.{e}.")
     out["decoder.final_layernorm.weight"] = state["model.norm.weight"]
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = state["lm_head.weight"]
     return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
+
+
+def _swiglu(out: dict, state: dict, src: str, dst: str) -> None:
+    """``[gate_proj; up_proj]`` -> ``linear_fc1``, ``down_proj`` -> ``linear_fc2``."""
+    out[dst + "linear_fc1.weight"] = torch.cat([state[src + "gate_proj.weight"], state[src + "up_proj.weight"]], dim=0)
+    out[dst + "linear_fc2.weight"] = state[src + "down_proj.weight"]
 
 
 def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, parallel_output: bool = True, **config_overrides):
@@ -205,7 +261,7 @@ def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, 
     """
     init_megatron_cpu()
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     from megatron.core import parallel_state as ps
@@ -213,9 +269,8 @@ def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, 
     cfg = reference.config
     RouterReplay.clear_global_router_replay_instances()
     tcfg = megatron_config(cfg, recompute=recompute, **config_overrides)
-    spec = get_gpt_layer_local_spec(
-        num_experts=cfg.num_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
-    )
+    # Dense and MoE layers from moe_layer_freq (local, non-Transformer-Engine modules).
+    spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
     model = GPTModel(
         tcfg,
         spec,
@@ -239,7 +294,7 @@ def build_megatron_model(reference: MoEForCausalLM, *, recompute: bool = False, 
 
 
 def load_megatron_model(path: str | os.PathLike, *, recompute: bool = False, **config_overrides):
-    """Load a Qwen3-MoE checkpoint directory (ours or ``save_pretrained``'s) into a Megatron ``GPTModel``."""
+    """Load a Qwen3-MoE or GLM-4.5 checkpoint directory (ours or ``save_pretrained``'s) into a Megatron ``GPTModel``."""
     from ..checkpoint import load_hf_checkpoint
 
     return build_megatron_model(load_hf_checkpoint(path), recompute=recompute, **config_overrides)

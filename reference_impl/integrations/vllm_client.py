@@ -89,6 +89,8 @@ import numpy as np
 import torch
 
 from ..batch import RolloutBatch
+from ..layers import LayerMap
+from ..routers import hf_router_family
 from ..routing import RoutingTrace, routed_rows
 from ..converters import routed_experts_to_trace  # the official layout's converter lives with the others
 
@@ -293,6 +295,7 @@ def generate_with_routes(
     params = _prepare_params(llm, sampling_params, len(prompts), prompt_logprobs)
     vcfg = _engine_config(llm)
     num_experts = int(vcfg.model_config.get_num_experts())
+    family = hf_router_family(vcfg.model_config.hf_config)
     inputs = [{"prompt_token_ids": p} for p in prompts]
 
     if _uses_official_path(llm):  # untested live: blocked on CPU builds (see the module docstring)
@@ -303,7 +306,14 @@ def generate_with_routes(
         samples = []
         for out, start in zip(outputs, starts):
             n = len(out.prompt_token_ids) + len(out.outputs[0].token_ids)
-            trace = routed_experts_to_trace(out.outputs[0].routed_experts, num_experts, num_tokens=n, prompt_start=start)
+            trace = routed_experts_to_trace(
+                out.outputs[0].routed_experts,
+                num_experts,
+                num_tokens=n,
+                prompt_start=start,
+                layer_map=LayerMap.from_hf_config(vcfg.model_config.hf_config),  # drops dense-layer columns
+                router_family=family,
+            )
             samples.append(sample_from_request_output(out, trace))
         return samples
 
@@ -342,6 +352,7 @@ def generate_with_routes(
             "filled": np.frombuffer(rec["filled"], dtype=bool),
         }
         trace = _trace_from_capture(rid, arrays, n, num_experts, on_missing_rows)
+        trace.router_family = family
         stats = {"rows_overwritten": int(rec["overwritten"]), "rows_missing": trace.num_invalid, "rows_from_cache": int(rec["from_cache"])}
         samples.append(sample_from_request_output(out, trace, stats=stats))
     return samples

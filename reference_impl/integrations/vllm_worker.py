@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..layers import LayerMap
+
 try:
     import vllm as _vllm
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -443,7 +445,15 @@ class RouteCaptureExtension:
         layer_ids = _bound_layer_ids(model, capturer)
         if not layer_ids:
             raise RuntimeError("route capture: bind_routed_experts_capturer bound no MoE layer")
-        capturer.layer_index = {layer: i for i, layer in enumerate(layer_ids)}
+        # vLLM's layer_id is the decoder index (dense layers included); the trace's axis is the MoE
+        # ordinal of the config's layer pattern (reference_impl.layers), never inferred from values.
+        layer_map = LayerMap.from_hf_config(self.vllm_config.model_config.hf_config)
+        if tuple(layer_ids) != layer_map.moe_layers:
+            raise RuntimeError(
+                f"route capture: vLLM bound MoE layers {layer_ids} but the config's layer pattern has MoE layers "
+                f"{list(layer_map.moe_layers)}"
+            )
+        capturer.layer_index = {layer: layer_map.ordinal(layer) for layer in layer_ids}
         capturer.reset()
         capturer.route_cache = self._route_cache_get() if route_cache and capturer.prefix_caching else None
         capturer.enabled = True
