@@ -42,6 +42,7 @@ VERIFIED_ARXIV = {
     "2402.03300",  # GRPO (DeepSeekMath)
     "2503.20783",  # Dr. GRPO
     "1707.06347",  # PPO
+    "2507.20673",  # GMPO: the e^{±0.4} clip range of the RSPO-style defaults
 }
 #: The seed review's "corrections" (24xx) of the three 2025 papers; spelled in two pieces so that
 #: a plain search of the repository finds them nowhere, this file included.
@@ -273,3 +274,50 @@ def test_package_code_is_included_not_pasted(lang):
                 if name in package:
                     pasted.append(f"docs_{lang}/{page}: def {name}(...) is pasted; include it from reference_impl with --8<--")
     assert not pasted, "\n".join(pasted)
+
+
+# ------------------------------------------------------------------------------- zh terms
+#: Forms the Chinese pages must not use (GLOSSARY: one term per concept), with the term to use.
+ZH_AVOID = {
+    "重算": "重新计算 (recompute; 激活重计算 stays)",
+    "接近平局": "接近持平 (near-tie)",
+    "几乎持平": "接近持平 (near-tie)",
+    "转换器": "转换函数 (converter)",
+    "坑": "常见陷阱 (pitfall)",
+    "不除以 $1/": "不乘 1/|y_i| (multiplying by 1/|y_i| is what is left out)",
+}
+_ZH_CODE = re.compile(r"`[^`]*`|\$\$.*?\$\$|\$[^$\n]*\$|\]\([^)]*\)|<[^>]*>", re.S)
+
+
+def _zh_prose(text: str) -> str:
+    """A Chinese page without fenced code, inline code, math, link targets and HTML tags."""
+    lines, fence = [], False
+    for line in text.split("\n"):
+        if FENCE.match(line):
+            fence = not fence
+        elif not fence:
+            lines.append(line)
+    return _ZH_CODE.sub(" ", "\n".join(lines))
+
+
+def _zh_sources() -> dict[str, str]:
+    """Chinese pages (the glossary names the avoided forms on purpose) and zh notebooks' Markdown cells."""
+    out = {
+        k: v for k, v in _prose_sources().items()
+        if (k.startswith("docs_zh/") and k != "docs_zh/glossary.md") or k == "README.zh-CN.md"
+    }
+    for nb in sorted((ROOT / "tutorials" / "zh").glob("*.ipynb")):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        out[nb.relative_to(ROOT).as_posix()] = "\n\n".join(
+            "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(_zh_sources()))
+def test_chinese_pages_use_the_glossary_terms(name):
+    text = _zh_sources()[name]
+    prose = _zh_prose(text)
+    found = {bad: use for bad, use in ZH_AVOID.items() if bad in (text if "$" in bad else prose).replace("激活重计算", "")}
+    assert not found, f"{name} uses {sorted(found)}; write {sorted(found.values())}"
+    assert not re.search(r"(?<![A-Za-z_])prompts?(?![A-Za-z_])", prose), f"{name}: write 提示词 for prompt in prose (code keeps prompt)"
