@@ -389,3 +389,20 @@ def test_grpo_advantages_match_verl_and_slime_except_singleton_groups():
     assert group_advantages(single, [0, 1], normalize_std=True).abs().max() == 0
     assert slime_rewards(single, 1).abs().max() == 0
     torch.testing.assert_close(verl_grpo_advantage(single, [0, 1]), single / (1 + 1e-6))
+
+
+def test_every_row_of_the_docs_mapping_table_names_a_test_here():
+    """docs_en/frameworks.md and docs_zh/frameworks.md, section loss-mapping: each named test exists."""
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    here = sys.modules[__name__]
+    for page in ("docs_en/frameworks.md", "docs_zh/frameworks.md"):
+        text = (root / page).read_text(encoding="utf-8")
+        section = text.split("{ #loss-mapping }", 1)[1].split("\n## ", 1)[0]
+        named = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[[a-z]+\])?`", section))
+        assert len(named) >= 12, page
+        missing = sorted(n for n in named if not callable(getattr(here, n, None)))
+        assert not missing, f"{page} names tests that do not exist: {missing}"
