@@ -24,6 +24,7 @@ def test_reproduction_script_ci_profile_runs_and_writes_its_outputs(tmp_path):
         assert row["kl_k3_r3"][0] <= row["kl_k3"][0] * (1 + 1e-6)
     assert (tmp_path / "rewards.png").stat().st_size > 1000
     assert "R3 vs native recompute" in (tmp_path / "summary.md").read_text()
+    assert "R3 与原生重新计算对比" in (tmp_path / "summary.zh.md").read_text()
 
 
 def _final_rewards() -> dict[str, list[float]]:
