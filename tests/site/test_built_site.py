@@ -312,3 +312,18 @@ def test_each_language_has_a_404_page_in_its_language(site_dir, lang):
     assert soup.html.get("lang", "").startswith(lang), f"{path.name}: <html lang={soup.html.get('lang')!r}>"
     article = soup.select_one("article") or soup.body
     assert bool(CJK.search(article.get_text())) == (lang == "zh")
+
+
+# ------------------------------------------------------------------------ API cross-links
+@pytest.mark.parametrize("lang", LANGS)
+def test_pages_link_api_names_to_existing_api_anchors(site_dir, lang):
+    api_ids = {el["id"] for el in _soup(site_dir, lang_prefix(lang) + "api/").find_all(id=True)}
+    checked = 0
+    for url in ("", "routing-trace/", "routing-replay/", "engines/reference.md".replace(".md", "/")):
+        here = BASE + lang_prefix(lang) + url
+        for a in _article(_soup(site_dir, lang_prefix(lang) + url)).select("a[href*='api/#'] > code"):
+            target = urljoin(here, a.parent["href"])
+            assert urlsplit(target).path.rstrip("/") == urlsplit(BASE + lang_prefix(lang) + "api/").path.rstrip("/"), f"{here}: {target}"
+            assert urlsplit(target).fragment in api_ids, f"{here}: {a.get_text()} links to a missing anchor {target}"
+            checked += 1
+    assert checked >= 5, f"{lang}: only {checked} API links found"

@@ -97,3 +97,26 @@ def test_mathjax_is_dropped_from_pages_without_math(tmp_path):
     nb.write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": ["ratio $r_t$"]}]}))
     notebook = SimpleNamespace(file=SimpleNamespace(src_uri="tutorials/n.ipynb", abs_src_path=str(nb)))
     assert "tex-svg.js" in mathjax.on_post_page("<div>x</div>" + scripts, notebook, None)
+
+
+api_links = _hook("api_links")
+
+
+def test_api_names_come_from_the_documented_modules():
+    anchors = api_links.anchors()
+    assert anchors["RoutingTrace"] == "reference_impl.routing.RoutingTrace"
+    assert anchors["replay_routing"] == "reference_impl.replay.replay_routing"
+    assert "minirl_loss" not in anchors  # objectives are not on the API page
+
+
+def test_inline_code_mentions_link_to_the_api_page_except_in_links_headings_and_code():
+    href = lambda name, attr: {"RoutingTrace": "../api/#r.RoutingTrace"}.get(name) and "../api/#r.RoutingTrace" + attr  # noqa: E731
+    page = (
+        "<h2>The <code>RoutingTrace</code></h2><p>Use <code>RoutingTrace.agreement</code> or <code>RoutingTrace()</code>, "
+        '<a href="x"><code>RoutingTrace</code></a>, not <code>other</code>.</p><pre><code>RoutingTrace</code></pre>'
+    )
+    out = api_links.link_mentions(page, href)
+    assert '<a href="../api/#r.RoutingTrace.agreement"><code>RoutingTrace.agreement</code></a>' in out
+    assert '<a href="../api/#r.RoutingTrace"><code>RoutingTrace()</code></a>' in out
+    assert out.count("<a ") == 3  # the heading, the existing link and the code block are untouched
+    assert "<code>other</code>" in out and "<h2>The <code>RoutingTrace</code></h2>" in out
