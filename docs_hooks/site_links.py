@@ -10,6 +10,9 @@
   the build reads (``docs_hooks/staging.py``); the theme shows its edit button.
 * **Download links.** Each notebook page starts with a link to its notebook, copied next to the
   page's folder (``tutorials/x.ipynb``, ``zh/tutorials/x.ipynb``) from ``tutorials/<lang>/``.
+* **Notebook figures.** ``assets/stylesheets/notebooks.css`` and ``assets/javascripts/notebooks.js``
+  (from ``docs_hooks/assets/``, listed in ``mkdocs.yml``) show output figures at full width and
+  zoom one to full screen on click.
 * **Sitemap.** MkDocs writes ``None/...`` URLs into ``sitemap.xml`` without a ``site_url``; then
   the sitemaps are removed instead.
 """
@@ -96,6 +99,10 @@ def on_page_content(html_text, page, config, files):
 @event_priority(-200)  # after the i18n plugin's builds of every language (-100)
 def on_post_build(config):
     site = Path(config.site_dir)
+    assets = Path(__file__).resolve().parent / "assets"
+    for name, folder in (("notebooks.css", "stylesheets"), ("notebooks.js", "javascripts")):
+        (site / "assets" / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(assets / name, site / "assets" / folder / name)
     for lang, prefix in (("en", ""), ("zh", "zh/")):
         source = ROOT / "tutorials" / lang
         target = site / prefix / "tutorials"

@@ -327,3 +327,16 @@ def test_pages_link_api_names_to_existing_api_anchors(site_dir, lang):
             assert urlsplit(target).fragment in api_ids, f"{here}: {a.get_text()} links to a missing anchor {target}"
             checked += 1
     assert checked >= 5, f"{lang}: only {checked} API links found"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_notebook_figures_are_full_width_and_zoomable(site_dir, lang):
+    css = (site_dir / "assets" / "stylesheets" / "notebooks.css").read_text(encoding="utf-8")
+    assert "width: 100%" in css and "notebook-zoomed" in css
+    assert (site_dir / "assets" / "javascripts" / "notebooks.js").is_file()
+    url = notebook_urls()[1]
+    soup = _soup(site_dir, lang_prefix(lang) + url)
+    here = BASE + lang_prefix(lang) + url
+    sheets = [urlsplit(urljoin(here, l["href"])).path for l in soup.find_all("link", rel="stylesheet")]
+    assert "/assets/stylesheets/notebooks.css" in sheets, sheets
+    assert soup.select(".jupyter-wrapper .jp-OutputArea-output img"), f"{here}: no figure to check"
