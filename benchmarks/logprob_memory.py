@@ -54,7 +54,7 @@ def _reset_peak() -> bool:
 def worker(args) -> dict:
     import torch
 
-    from reference_impl.metrics import token_logprobs_and_entropy
+    from reference_impl.logprobs import token_logprobs_and_entropy
 
     torch.set_num_threads(args.threads)
     n, v = args.tokens, args.vocab
@@ -127,7 +127,7 @@ def main() -> None:
 
     import torch
 
-    from reference_impl.metrics import _default_chunk_rows
+    from reference_impl.logprobs import _default_chunk_rows
 
     chunk_rows = args.chunk_size or _default_chunk_rows(args.vocab)
     env = dict(

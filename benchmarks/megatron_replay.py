@@ -92,7 +92,7 @@ def main() -> None:
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         from reference_impl.integrations.megatron import megatron_forward
-        from reference_impl.rollout import next_token_logprobs
+        from reference_impl.logprobs import next_token_logprobs
 
         mask = torch.arange(args.seq - 1)[None] < torch.tensor(lengths)[:, None] - 1
 

@@ -179,8 +179,8 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
 
     layer, model, tb = result["moe_layer_fwd_bwd"], result["model_fwd_bwd"], result["trace_bytes"]
-    print(f"| measurement | native (s) | record/native | replay/native |")
-    print(f"|---|---|---|---|")
+    print("| measurement | native (s) | record/native | replay/native |")
+    print("|---|---|---|---|")
     print(
         f"| one MoE layer fwd+bwd ({args.tokens} tok, h={args.hidden}, E={args.experts}, k={args.top_k}) "
         f"| {layer['median_seconds']['native']:.4f} | {layer['record_over_native']:.3f} | {layer['replay_over_native']:.3f} |"

@@ -135,7 +135,8 @@ def kl_variant(name: str, args, tmp: Path, *, init: float, train_steps: int, see
 
     from reference_impl import RoutingTrace, load_hf_checkpoint, replay_routing
     from reference_impl.model import MoEConfig, MoEForCausalLM
-    from reference_impl.rollout import RolloutBatch, next_token_logprobs
+    from reference_impl.batch import RolloutBatch
+    from reference_impl.logprobs import next_token_logprobs
     from reference_impl.tasks import cold_start, make_task
     from reference_impl.tiny_checkpoint import build_tiny_checkpoint
 

@@ -41,8 +41,8 @@ from reference_impl.integrations.transformers import attach_routing  # noqa: E40
 
 model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)  # Qwen3MoeForCausalLM
 routing = attach_routing(model)  # once per model instance; record_routing / replay_routing drive it
-print(f"{type(model).__name__}: {routing.config.num_hidden_layers} MoE layers, "
-      f"{routing.config.num_experts} experts, top-{routing.config.num_experts_per_tok}")
+shape = routing.routing_shape
+print(f"{type(model).__name__}: {shape.num_layers} MoE layers, {shape.num_experts} experts, top-{shape.top_k}")
 # --8<-- [end:attach]
 
 # --8<-- [start:r3]

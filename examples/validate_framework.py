@@ -24,7 +24,7 @@ import torch
 
 from reference_impl import MoEConfig, MoEForCausalLM
 from reference_impl.converters import from_sglang, from_verl, from_vllm
-from reference_impl.rollout import RolloutBatch
+from reference_impl.batch import RolloutBatch
 from reference_impl.tasks import VOCAB_SIZE
 from reference_impl.tiny_checkpoint import build_tiny_checkpoint
 

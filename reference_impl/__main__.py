@@ -113,7 +113,7 @@ def _add_compare_parser(sub) -> None:
 
 def _run_compare(args) -> int:
     from .compare import compare_batch, load_forward
-    from .rollout import RolloutBatch
+    from .batch import RolloutBatch
 
     batch = RolloutBatch.load(args.rollout)
     report = compare_batch(batch, load_forward(args.checkpoint, args.engine), replay=not args.no_replay, top=args.top, temperature=args.temperature)

@@ -1,6 +1,6 @@
 """Validate a framework's routes and log-probs against another forward: ``python -m reference_impl compare``.
 
-Input: a :class:`~reference_impl.rollout.RolloutBatch` file (tokens, the engine's log-probs
+Input: a :class:`~reference_impl.batch.RolloutBatch` file (tokens, the engine's log-probs
 ``rollout_logp`` and its routes ``rollout_trace``), e.g. captured from vLLM or SGLang and
 converted with :mod:`reference_impl.converters`. A second engine (the reference model, or
 transformers, on the same checkpoint) recomputes the log-probs — natively, and with the engine's
@@ -26,7 +26,8 @@ import torch
 
 from . import metrics as M
 from .replay import record_routing, replay_routing
-from .rollout import RolloutBatch, next_token_logprobs
+from .batch import RolloutBatch
+from .logprobs import next_token_logprobs
 from .routing import RoutingTrace
 
 __all__ = ["ComparisonReport", "compare_batch", "forward_fn_for"]
@@ -159,7 +160,8 @@ def load_forward(checkpoint: str | Path, engine: str) -> ForwardFn:
 
 def _megatron_forward(checkpoint: str | Path) -> ForwardFn:
     """megatron-core ``GPTModel`` on the checkpoint (CPU, world size 1): RECORD natively, REPLAY_FORWARD a trace."""
-    from .integrations.megatron import init_megatron_cpu, load_megatron_model, megatron_logprobs
+    from .integrations.megatron import megatron_logprobs
+    from .integrations.megatron_cpu import init_megatron_cpu, load_megatron_model
 
     init_megatron_cpu()
     model = load_megatron_model(checkpoint)

@@ -9,10 +9,13 @@ source              per-sequence layout                              missing row
 ==================  ===============================================  =========================
 vLLM                ``routed_experts [prompt+gen-1, L, k]``,         prefix-cached positions
                     uint8 (≤ 256 experts) or uint16                  are not reported
-SGLang / slime      ``meta_info["routed_experts"]``: base64 of       —
+SGLang              ``meta_info["routed_experts"]``: base64 of       —
                     int32 ``[len(tokens)-1, L, k]``
+slime               SGLang's rows per sample, or packed with a       filler row ``arange(L*k) % E``
+                    filler row at each sample's last position        at each last position
 verl                int16 ``[seq_len, L, k]``: one row per token,    zero rows + a replay mask
-                    the last one zero, plus a replay mask
+                    the last one zero, plus a replay mask; or the
+                    padded batch ``[B, T, L, k]`` + attention mask
 NeMo-RL             ``[.., L, k]`` with ``-1`` for missing rows      ``-1`` sentinel
 Megatron-core       per layer ``[S*B, k]`` long, s-major             —
                     (row = s * B + b) over a padded ``[B, S]`` batch
@@ -22,11 +25,13 @@ Megatron-core       per layer ``[S*B, k]`` long, s-major             —
 from __future__ import annotations
 
 import base64
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .errors import AlignmentError, TraceFormatError
 from .routing import RoutingTrace, routed_rows
 
 __all__ = [
@@ -34,6 +39,8 @@ __all__ = [
     "from_vllm",
     "from_sglang",
     "from_verl",
+    "from_slime",
+    "slime_filler",
     "from_sentinel_rows",
     "from_layer_major",
     "to_layer_major",
@@ -53,9 +60,9 @@ def _as_tensor(array, name: str) -> torch.Tensor:
 
 def _check_rows(rows: torch.Tensor, seq_len: int, name: str) -> None:
     if rows.dim() != 3:
-        raise ValueError(f"{name}: expected [rows, num_layers, top_k], got shape {tuple(rows.shape)}")
+        raise TraceFormatError(f"{name}: expected [rows, num_layers, top_k], got shape {tuple(rows.shape)}")
     if rows.shape[0] != routed_rows(seq_len):
-        raise ValueError(
+        raise AlignmentError(
             f"{name}: a sequence of {seq_len} tokens must have {routed_rows(seq_len)} routed rows "
             f"(positions 0..n-2), got {rows.shape[0]}"
         )
@@ -141,26 +148,179 @@ def from_sglang(routed_experts_b64: Sequence[str], seq_lengths: Sequence[int], n
     return RoutingTrace.concatenate(parts)
 
 
-def from_verl(routes: Sequence, replay_masks: Sequence | None, num_experts: int) -> RoutingTrace:
-    """verl's per-token layout: ``[seq_len, L, k]`` (int16), the last row zero, plus an optional replay mask.
+def from_verl(
+    routes: Any,
+    replay_masks: Sequence | None = None,
+    num_experts: int | None = None,
+    *,
+    attention_mask: Any = None,
+    response_mask: Any = None,
+) -> RoutingTrace:
+    """verl's ``routed_experts`` (int16, one row per token, zero rows where nothing was recorded).
 
-    The last row (the last token is never forwarded by the engine) is dropped; rows whose mask is
-    False become invalid rows (replayed natively), whatever ids they hold.
+    Two forms, as verl hands them over (read at verl-project/verl ``1dda039b``, Aug 2026):
+
+    * **per sequence**: ``routes[i]`` of shape ``[n_i, L, k]`` with ``replay_masks[i]`` of shape
+      ``[n_i]`` (``build_r3_replay_mask``: every row but the last), or ``replay_masks=None``;
+    * **batch**: one padded tensor ``[B, prompt_len + response_len, L, k]`` (prompt left-padded,
+      response right-padded) with ``attention_mask`` ``[B, prompt_len + response_len]`` and,
+      optionally, ``response_mask`` ``[B, response_len]``; as verl does, a sequence whose
+      response mask is empty is not replayed at all.
+
+    The last row of each sequence is dropped (the alignment rule of :func:`routed_rows`). Rows the
+    mask leaves out become invalid rows (routed natively on replay). Rows the mask *marks* but that
+    hold only zeros (``k > 1``) are rows verl zero-filled because its rollout engine never recorded
+    them (a multi-turn rollout whose last turn was not generated, a partial rollout); verl would
+    replay expert 0 ``k`` times there. They also become invalid rows, with one warning that counts them.
     """
-    parts = []
-    for i, arr in enumerate(routes):
-        rows = _as_tensor(arr, "from_verl")
-        if rows.dim() != 3 or rows.shape[0] < 1:
-            raise ValueError(f"from_verl: sequence {i} must be [seq_len >= 1, L, k], got {tuple(rows.shape)}")
-        valid = torch.ones(rows.shape[0], dtype=torch.bool)
+    if num_experts is None:
+        raise TypeError("from_verl: num_experts is required (the routes do not carry it)")
+    batch = _as_tensor(routes, "from_verl") if isinstance(routes, (torch.Tensor, np.ndarray)) else None
+    if batch is not None and batch.dim() == 4:
         if replay_masks is not None:
-            mask = replay_masks[i]
-            mask = mask.bool() if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask, dtype=bool))
-            if mask.shape != (rows.shape[0],):
-                raise ValueError(f"from_verl: sequence {i} replay mask has shape {tuple(mask.shape)}, expected ({rows.shape[0]},)")
-            valid = mask
-        n = rows.shape[0]
-        parts.append(RoutingTrace(rows[: routed_rows(n)], num_experts, valid[: routed_rows(n)].clone()))
+            raise AlignmentError(
+                "from_verl: a padded [B, seq_len, L, k] batch takes attention_mask= (and response_mask=), not replay_masks"
+            )
+        rows, masks = _verl_batch_sequences(batch, attention_mask, response_mask)
+    elif batch is not None:
+        raise TraceFormatError(
+            f"from_verl: a single tensor must be verl's padded batch [B, seq_len, L, k], got shape {tuple(batch.shape)}; "
+            "pass per-sequence [n, L, k] arrays as a list"
+        )
+    elif attention_mask is not None or response_mask is not None:
+        raise AlignmentError(
+            "from_verl: attention_mask/response_mask go with verl's padded batch [B, seq_len, L, k], not with a list "
+            "of per-sequence arrays (pass replay_masks there)"
+        )
+    else:
+        rows = [_as_tensor(arr, "from_verl") for arr in routes]
+        masks = [None] * len(rows) if replay_masks is None else [_as_bool(m, "from_verl") for m in replay_masks]
+        if len(masks) != len(rows):
+            raise AlignmentError(f"from_verl: {len(rows)} route arrays but {len(masks)} replay masks")
+    parts, zero_filled, seqs_hit = [], 0, 0
+    for i, (seq, mask) in enumerate(zip(rows, masks)):
+        trace, zeros = _verl_sequence(seq, mask, num_experts, f"from_verl: sequence {i}")
+        parts.append(trace)
+        zero_filled += zeros
+        seqs_hit += bool(zeros)
+    if zero_filled:
+        warnings.warn(
+            f"from_verl: {zero_filled} row(s) in {seqs_hit} sequence(s) hold only expert 0 (zero-filled) although "
+            "the replay mask marks them: verl zero-fills positions its rollout engine never recorded (a multi-turn "
+            "rollout whose last turn was not generated, a partial rollout). They are kept as invalid rows and "
+            "routed natively on replay (verl would replay expert 0 k times there).",
+            stacklevel=2,
+        )
+    return RoutingTrace.concatenate(parts)
+
+
+def _as_bool(mask, name: str) -> torch.Tensor:
+    if isinstance(mask, torch.Tensor):
+        return mask.detach().cpu().bool()
+    return torch.from_numpy(np.asarray(mask).astype(bool))
+
+
+def _verl_sequence(rows: torch.Tensor, mask: torch.Tensor | None, num_experts: int, name: str) -> tuple[RoutingTrace, int]:
+    """One verl sequence ``[n, L, k]`` (+ mask ``[n]``) -> its ``n - 1`` rows and how many were zero-filled."""
+    if rows.dim() != 3 or rows.shape[0] < 1:
+        raise TraceFormatError(f"{name} must be [seq_len >= 1, L, k] (one row per token), got {tuple(rows.shape)}")
+    n = rows.shape[0]
+    valid = torch.ones(n, dtype=torch.bool) if mask is None else mask
+    if valid.dim() != 1:
+        raise AlignmentError(f"{name}: replay mask must be 1-D [seq_len], got shape {tuple(valid.shape)}")
+    if valid.shape[0] > n:
+        raise AlignmentError(
+            f"{name} has {n} rows, fewer than its replay mask implies ({valid.shape[0]} positions): verl's layout has "
+            "one row per token; rows of an engine ([n - 1, L, k]) go to from_vllm"
+        )
+    if valid.shape[0] < n:
+        raise AlignmentError(f"{name}: replay mask has {valid.shape[0]} entries for {n} rows (one per token expected)")
+    kept, valid = rows[: routed_rows(n)].long(), valid[: routed_rows(n)].clone()
+    zero_filled = valid & (kept == 0).flatten(1).all(dim=1) if rows.shape[-1] > 1 else torch.zeros_like(valid)
+    return RoutingTrace(kept, num_experts, valid & ~zero_filled), int(zero_filled.sum())
+
+
+def _verl_batch_sequences(batch: torch.Tensor, attention_mask, response_mask) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Unpad verl's ``[B, T, L, k]`` by its attention mask; rebuild verl's R3 replay mask per sequence."""
+    if attention_mask is None:
+        raise AlignmentError("from_verl: a padded [B, seq_len, L, k] batch needs its attention_mask [B, seq_len]")
+    attn = _as_bool(attention_mask, "from_verl")
+    if tuple(attn.shape) != tuple(batch.shape[:2]):
+        raise AlignmentError(
+            f"from_verl: attention_mask has shape {tuple(attn.shape)} but routes are {tuple(batch.shape)}; "
+            f"expected [{batch.shape[0]}, {batch.shape[1]}]"
+        )
+    resp = None
+    if response_mask is not None:
+        resp = _as_bool(response_mask, "from_verl")
+        if resp.dim() != 2 or resp.shape[0] != batch.shape[0] or resp.shape[1] > batch.shape[1]:
+            raise AlignmentError(
+                f"from_verl: response_mask has shape {tuple(resp.shape)}; expected [{batch.shape[0]}, response_len <= "
+                f"{batch.shape[1]}] (the response columns are the last ones of the batch)"
+            )
+    rows, masks = [], []
+    for b in range(batch.shape[0]):
+        n = int(attn[b].sum())
+        if n < 1:
+            raise AlignmentError(f"from_verl: sequence {b} has no attended token in attention_mask")
+        rows.append(batch[b][attn[b]])
+        replay = n - 1 if resp is None or bool(resp[b].any()) else 0  # verl: no response, no replay
+        masks.append(torch.arange(n) < replay)
+    return rows, masks
+
+
+def slime_filler(rows: int, num_layers: int, top_k: int, num_experts: int) -> torch.Tensor:
+    """slime's padding rows ``arange(rows * L * k) % E`` as ``[rows, L, k]`` (``_pad_routed_experts``)."""
+    return (torch.arange(rows * num_layers * top_k) % num_experts).reshape(rows, num_layers, top_k)
+
+
+def from_slime(rollout_routed_experts: Any, seq_lengths: Sequence[int], num_experts: int) -> RoutingTrace:
+    """slime's routed experts: per sample, or packed the way its Megatron actor replays them.
+
+    * **per sample** (``Sample.rollout_routed_experts``, a list): ``[n_i - 1, L, k]`` (SGLang's
+      rows), or ``[n_i, L, k]`` whose last row is slime's filler ``arange(L*k) % E``;
+    * **packed** (one ``[sum n_i + pad, L, k]`` tensor, ``prepare_routed_experts_for_routing_replay``
+      without context or sequence parallelism): each sample's rows plus one filler row, then ``pad``
+      filler rows up to a multiple of the tensor-parallel padding.
+
+    slime replays the filler at each sequence's last position; here that position is routed natively
+    (it predicts no scored token), so the filler is recognised and dropped. A last row that is not
+    the filler means the boundaries are wrong and raises :class:`AlignmentError`.
+    """
+    seq_lengths = [int(n) for n in seq_lengths]
+    if isinstance(rollout_routed_experts, (torch.Tensor, np.ndarray)):
+        packed = _as_tensor(rollout_routed_experts, "from_slime").long()
+        if packed.dim() != 3:
+            raise TraceFormatError(f"from_slime: packed routes must be [tokens, L, k], got {tuple(packed.shape)}")
+        total = sum(seq_lengths)
+        if packed.shape[0] < total:
+            raise AlignmentError(
+                f"from_slime: packed routes have {packed.shape[0]} rows, fewer than the {total} tokens of the samples"
+            )
+        _, L, k = packed.shape
+        tail = packed[total:]
+        if not torch.equal(tail, slime_filler(tail.shape[0], L, k, num_experts)):
+            raise AlignmentError(f"from_slime: the {tail.shape[0]} rows after the samples' {total} tokens are not slime's padding filler")
+        bounds = np.cumsum([0] + seq_lengths)
+        per_sample = [packed[bounds[i] : bounds[i + 1]] for i in range(len(seq_lengths))]
+    else:
+        per_sample = [_as_tensor(a, "from_slime").long() for a in rollout_routed_experts]
+        if len(per_sample) != len(seq_lengths):
+            raise AlignmentError(f"from_slime: {len(per_sample)} samples but {len(seq_lengths)} lengths")
+    parts = []
+    for i, (rows, n) in enumerate(zip(per_sample, seq_lengths)):
+        name = f"from_slime: sample {i}"
+        if rows.dim() != 3:
+            raise TraceFormatError(f"{name} must be [rows, L, k], got {tuple(rows.shape)}")
+        if rows.shape[0] == n and n >= 1:
+            if not torch.equal(rows[-1:], slime_filler(1, rows.shape[1], rows.shape[2], num_experts)):
+                raise AlignmentError(
+                    f"{name} has {n} rows for {n} tokens but its last row {rows[-1, 0].tolist()}... is not slime's "
+                    "filler arange(L*k) % E: the sequence boundaries or lengths are wrong"
+                )
+            rows = rows[:-1]
+        _check_rows(rows, n, name)
+        parts.append(RoutingTrace(rows, num_experts))
     return RoutingTrace.concatenate(parts)
 
 

@@ -9,7 +9,7 @@
 * :func:`mean_entropy`, :func:`clip_fraction`: one-number summaries.
 
 Token metrics take ``[n, T]`` tensors and a response ``mask`` (validated by
-:func:`reference_impl.objectives.validate_batch`) and return Python floats.
+:func:`reference_impl.validation.validate_batch`) and return Python floats.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import math
 
 import torch
 
-from .objectives import _clip_mask, masked_sum, validate_batch
+from .logprobs import token_logprobs_and_entropy  # re-exported: its home is reference_impl.logprobs
+from .objectives import clip_mask
 from .routing import RoutingTrace
+from .validation import masked_sum, validate_batch
 
 __all__ = [
     "kl_k1",
@@ -174,130 +176,6 @@ def routing_flip_rate(
 # --8<-- [end:routing-flip-rate]
 
 
-# ------------------------------------------------------------------------ log-probs, entropy
-def _default_chunk_rows(vocab: int) -> int:
-    return max(1, (1 << 22) // max(vocab, 1))  # ≈ 16 MiB of float32 per temporary
-
-
-class _ChunkedTokenLogprob(torch.autograd.Function):
-    """log softmax(logits)[target] and entropy, row chunk by row chunk, with a chunked backward.
-
-    Two ``[chunk_rows, V]`` buffers are allocated once and reused with in-place ops, so the peak
-    extra memory is ~2 chunks and no chunk pays fresh page faults.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, chunk_rows, want_entropy):
-        n, v = logits.shape
-        compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        lse = torch.empty(n, dtype=compute, device=logits.device)
-        entropy = torch.empty(n if want_entropy else 0, dtype=compute, device=logits.device)
-        rows_max = min(chunk_rows, n)
-        shifted = torch.empty(rows_max, v, dtype=compute, device=logits.device)  # logit − row max
-        probs = torch.empty(rows_max, v, dtype=compute, device=logits.device)
-        for start in range(0, n, chunk_rows):
-            stop = min(start + chunk_rows, n)
-            c, q = shifted[: stop - start], probs[: stop - start]
-            c.copy_(logits[start:stop])  # upcast, in place
-            m = c.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=compute))
-            c.sub_(m)
-            torch.exp(c, out=q)
-            total = q.sum(dim=-1, keepdim=True)
-            log_total = total.log()
-            lse[start:stop] = (m + log_total).squeeze(-1)
-            if want_entropy:
-                c.sub_(log_total)  # log q
-                q.div_(total)  # q
-                c.clamp_(min=torch.finfo(compute).min)  # q = 0 at -inf logits: 0 * finite = 0, not NaN
-                entropy[start:stop] = -torch.linalg.vecdot(q, c)
-        del shifted, probs
-        target_logit = logits.gather(1, targets[:, None]).squeeze(1).to(compute)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk_rows = chunk_rows
-        ctx.mark_non_differentiable(entropy)
-        return target_logit - lse, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        n, v = logits.shape
-        chunk_rows = ctx.chunk_rows
-        buf = torch.empty(min(chunk_rows, n), v, dtype=lse.dtype, device=logits.device)
-        for start in range(0, n, chunk_rows):
-            stop = min(start + chunk_rows, n)
-            g = grad_logp[start:stop].to(lse.dtype)
-            c = buf[: stop - start]
-            c.copy_(logits[start:stop])
-            c.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])  # −g · softmax
-            rows = torch.arange(stop - start, device=logits.device)
-            c[rows, targets[start:stop]] += g  # + g · onehot(target)
-            grad[start:stop].copy_(c)  # cast to the logits' dtype
-        return grad, None, None, None
-
-
-def token_logprobs_and_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-    return_entropy: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(target) and the full-vocabulary entropy from logits, without a second ``[N, V]`` fp32 tensor.
-
-    ``log_softmax(logits.float()).gather(...)`` builds two ``[N, V]`` float32 tensors (the upcast
-    and the log-softmax) and keeps one for backward. Here rows are processed in chunks: each chunk is
-    upcast to float32, its logsumexp taken, the target logit gathered (log π = logit[y] − lse), and
-    the entropy H = −Σ_w q_w log q_w computed (the same as lse − Σ_w q_w logit_w, and safe for −inf
-    logits). Backward recomputes softmax chunk by chunk and writes the gradient
-    g · (onehot(y) − softmax) straight into one tensor of the logits' dtype (the gradient itself,
-    which any method must return). Peak extra memory: two ``[chunk_size, V]`` float32 buffers.
-
-    The log-prob carries gradient (to ``logits``); the **entropy is detached** (a diagnostic).
-
-    Args:
-        logits: ``[..., V]`` any floating dtype (bf16/fp16/fp32 computed in fp32, fp64 in fp64).
-        targets: ``[...]`` integer token ids in ``[0, V)``.
-        chunk_size: rows per chunk; default ``max(1, 2**22 // V)`` (16 MiB of fp32 per buffer).
-        return_entropy: skip the entropy (and return None) when False.
-
-    Returns:
-        ``(logp, entropy)``, both float32 (float64 for fp64 logits) of shape ``[...]`` (entropy None
-        if not requested).
-    """
-    fn = "token_logprobs_and_entropy"
-    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError(f"{fn}: logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
-    if logits.dim() < 1:
-        raise ValueError(f"{fn}: logits must be [..., V], got a scalar")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError(f"{fn}: targets must be integer token ids, got {targets.dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"{fn}: targets has shape {tuple(targets.shape)} but logits has shape {tuple(logits.shape)}; "
-            "expected targets [...] for logits [..., V]"
-        )
-    vocab = logits.shape[-1]
-    lead = logits.shape[:-1]
-    flat_logits = logits.reshape(-1, vocab)
-    flat_targets = targets.reshape(-1).to(torch.int64)
-    if flat_targets.numel():
-        bad = (flat_targets < 0) | (flat_targets >= vocab)
-        if bad.any():
-            first = int(torch.nonzero(bad)[0])
-            raise ValueError(
-                f"{fn}: target id {int(flat_targets[first])} out of range for vocabulary size {vocab} "
-                f"at flat position {first}"
-            )
-    if chunk_size is None:
-        chunk_size = _default_chunk_rows(vocab)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    logp, entropy = _ChunkedTokenLogprob.apply(flat_logits, flat_targets, chunk_size, return_entropy)
-    return logp.reshape(lead), (entropy.reshape(lead) if return_entropy else None)
-
-
 # --------------------------------------------------------------------------------- summaries
 def mean_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over response tokens of per-token entropies ``[n, T]`` (e.g. from
@@ -328,6 +206,6 @@ def clip_fraction(
     """
     b = validate_batch("clip_fraction", mask, advantages, token_advantages=True, logp=logp, old_logp=old_logp)
     ratio = torch.exp(b["logp"] - b["old_logp"]).detach()
-    removed = ~_clip_mask(ratio, b.advantages, eps_low, eps_high) & b.mask
+    removed = ~clip_mask(ratio, b.advantages, eps_low, eps_high) & b.mask
     return float(removed.sum()) / b.num_tokens
 # --8<-- [end:clip-fraction]

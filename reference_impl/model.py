@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .replay import NativeRouting, RoutingPolicy
+from .replay import NativeRouting, RoutingPolicy, RoutingShape
 
 __all__ = ["MoEConfig", "MoEForCausalLM", "MoEOutput", "KVCache"]
 
@@ -293,6 +293,12 @@ class MoEForCausalLM(nn.Module):
         self.route_recorders: list = []
         self.gradient_checkpointing = False
         self.reset_parameters()
+
+    @property
+    def routing_shape(self) -> RoutingShape:
+        """The routed layers as a trace stores them (:class:`reference_impl.replay.ReplayHost`)."""
+        cfg = self.config
+        return RoutingShape(num_layers=cfg.num_hidden_layers, top_k=cfg.num_experts_per_tok, num_experts=cfg.num_experts)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

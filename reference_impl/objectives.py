@@ -42,15 +42,15 @@ Conventions shared by all functions (checked by :func:`validate_batch`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
+from .advantages import group_advantages  # noqa: F401  (re-exported: old import path)
+from .validation import POSITIVE_LOGP_TOLERANCE, Batch, masked_sum, validate_batch  # noqa: F401  (re-exported)
+
 __all__ = [
-    "validate_batch",
-    "masked_sum",
-    "group_advantages",
+    "clip_mask",
     "sequence_level_objective",
     "token_level_objective",
     "minirl_loss",
@@ -69,154 +69,10 @@ __all__ = [
     "compute_loss",
 ]
 
-#: Largest log-prob accepted as "≤ 0" (rounding in a log-softmax can land a hair above zero).
-POSITIVE_LOGP_TOLERANCE = 1e-5
-
 # GMPO-style token clip range (e^-0.4, e^0.4) written as 1 - eps_low, 1 + eps_high (used by RSPO).
 _RSPO_EPS_LOW = 1.0 - math.exp(-0.4)
 _RSPO_EPS_HIGH = math.exp(0.4) - 1.0
 
-
-# ---------------------------------------------------------------------------------------------
-# Validation and the shared reductions
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    """Validated inputs: log-probs upcast and zeroed outside the mask (padding can hold NaN).
-
-    Attributes:
-        logps: name -> ``[n, T]`` float tensor (graph kept for ``logp``), 0 at padding.
-        mask: ``[n, T]`` bool.
-        advantages: ``[n, T]`` float (an ``[n]`` input broadcast over tokens), 0 at padding, or None.
-        response_advantages: ``[n]`` float when advantages were given per response (0 for an empty
-            response), else None.
-        lengths: ``[n]`` float, response lengths |y_i|.
-        num_tokens: Σ_i |y_i| (> 0).
-        num_responses: n.
-    """
-
-    logps: dict[str, torch.Tensor]
-    mask: torch.Tensor
-    advantages: torch.Tensor | None
-    response_advantages: torch.Tensor | None
-    lengths: torch.Tensor
-    num_tokens: int
-    num_responses: int
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.logps[name]
-
-
-def validate_batch(
-    fn: str,
-    mask: torch.Tensor,
-    advantages: torch.Tensor | None = None,
-    *,
-    token_advantages: bool = False,
-    **logps: torch.Tensor | None,
-) -> Batch:
-    """The one input check every objective and metric runs.
-
-    Args:
-        fn: name of the calling function, used in error messages.
-        mask: ``[n, T]`` 0/1 float or bool.
-        advantages: ``[n]`` (or ``[n, T]`` when ``token_advantages``), or None.
-        token_advantages: whether per-token advantages ``[n, T]`` are accepted.
-        **logps: the log-prob tensors by name (``logp=…, old_logp=…``); None entries are skipped.
-
-    Raises:
-        ValueError: shapes that disagree (naming both shapes), non-0/1 mask values, NaN/inf or
-            positive log-probs at response tokens (naming the tensor and the count), non-finite
-            advantages at response tokens, or a batch without any response token.
-        TypeError: non-tensor inputs.
-    """
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{fn}: mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dim() != 2:
-        raise ValueError(f"{fn}: mask must have shape [n, T], got {tuple(mask.shape)}")
-    given = {k: v for k, v in logps.items() if v is not None}
-    dtype = torch.float32
-    for name, x in given.items():
-        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-            raise TypeError(f"{fn}: {name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.shape != mask.shape:
-            raise ValueError(
-                f"{fn}: {name} has shape {tuple(x.shape)} but mask has shape {tuple(mask.shape)}; "
-                "every log-prob tensor and the mask must be [n, T]"
-            )
-        if x.dtype == torch.float64:
-            dtype = torch.float64
-    if mask.dtype == torch.bool:
-        mask_b = mask
-    else:
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"{fn}: mask must hold only 0 and 1, got values {torch.unique(mask)[:8].tolist()}")
-        mask_b = mask != 0
-    mask_b = mask_b.detach()
-    n = mask.shape[0]
-    num_tokens = int(mask_b.sum())
-    if num_tokens == 0:
-        raise ValueError(
-            f"{fn}: the batch has no response token (mask of shape {tuple(mask.shape)} is all zero); "
-            "there is nothing to optimize"
-        )
-
-    clean: dict[str, torch.Tensor] = {}
-    for name, x in given.items():
-        xd = x.detach()
-        bad = ~torch.isfinite(xd) & mask_b
-        if bad.any():
-            i, t = (int(v) for v in torch.nonzero(bad)[0])
-            raise ValueError(
-                f"{fn}: {name} has {int(bad.sum())} NaN/inf value(s) at response tokens "
-                f"(first at response {i}, token {t}: {float(xd[i, t])})"
-            )
-        pos = (xd > POSITIVE_LOGP_TOLERANCE) & mask_b
-        if pos.any():
-            i, t = (int(v) for v in torch.nonzero(pos)[0])
-            raise ValueError(
-                f"{fn}: {name} has {int(pos.sum())} positive log-prob(s) at response tokens "
-                f"(first at response {i}, token {t}: {float(xd[i, t]):.3g}); expected log-probabilities <= 0"
-            )
-        # where() keeps the gradient at response tokens and gives exactly 0 elsewhere, even for NaN padding.
-        clean[name] = torch.where(mask_b, x.to(dtype), torch.zeros((), dtype=dtype))
-
-    adv = adv_row = None
-    if advantages is not None:
-        if not isinstance(advantages, torch.Tensor):
-            raise TypeError(f"{fn}: advantages must be a torch.Tensor, got {type(advantages).__name__}")
-        if advantages.shape == (n,):
-            adv = advantages.detach().to(dtype)[:, None].expand(mask.shape)
-        elif token_advantages and advantages.shape == mask.shape:
-            adv = advantages.detach().to(dtype)
-        else:
-            allowed = f"[{n}]" + (f" or {list(mask.shape)}" if token_advantages else "")
-            raise ValueError(
-                f"{fn}: advantages has shape {tuple(advantages.shape)}, expected {allowed} "
-                f"(mask has shape {tuple(mask.shape)})"
-            )
-        bad = ~torch.isfinite(adv) & mask_b
-        if bad.any():
-            raise ValueError(f"{fn}: advantages has {int(bad.sum())} NaN/inf value(s) at response tokens")
-        adv = torch.where(mask_b, adv, torch.zeros((), dtype=dtype))
-        if advantages.dim() == 1:
-            adv_row = torch.where(mask_b.any(dim=1), advantages.detach().to(dtype), torch.zeros((), dtype=dtype))
-
-    return Batch(
-        logps=clean,
-        mask=mask_b,
-        advantages=adv,
-        response_advantages=adv_row,
-        lengths=mask_b.sum(dim=1).to(dtype),
-        num_tokens=num_tokens,
-        num_responses=n,
-    )
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Σ of ``x`` over positions where ``mask`` is True (over ``dim``, or everything)."""
-    masked = torch.where(mask, x, torch.zeros((), dtype=x.dtype))
-    return masked.sum() if dim is None else masked.sum(dim=dim)
 
 
 # --8<-- [start:aggregate]
@@ -238,7 +94,7 @@ def _sequence_mean(x: torch.Tensor, b: Batch) -> torch.Tensor:
 
 
 # --8<-- [start:clip-mask]
-def _clip_mask(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+def clip_mask(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
     """M_t of Eq. 7 (arXiv 2512.01374), True where the token keeps its gradient.
 
     M_t = 0 if Â > 0 and r_t > 1 + ε_high; 0 if Â < 0 and r_t < 1 − ε_low; else 1. This is also
@@ -293,67 +149,8 @@ def _check_eps(fn: str, **eps: float | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Advantages and the two estimators of the first-order approximation
+# The two estimators of the first-order approximation
 # ---------------------------------------------------------------------------------------------
-# --8<-- [start:group-advantages]
-def group_advantages(
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor | Sequence[int],
-    normalize_std: bool = False,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """Group-relative advantages Â_i = R_i − mean_{j in group(i)} R_j (optionally / (std + eps)).
-
-    Without ``normalize_std`` this is MiniRL's advantage (arXiv 2512.01374, the paper calls it
-    "group normalization" though it divides by nothing) and Dr. GRPO's (arXiv 2503.20783); with it,
-    GRPO's (arXiv 2402.03300): Â_i = (R_i − mean) / (std + eps), std with Bessel's correction (as
-    TRL and verl compute it); a group of one response has std 0.
-
-    A group whose rewards are all equal gets Â = 0 **exactly** for every response (set explicitly,
-    not left to floating-point cancellation): it contributes no gradient. DAPO's dynamic sampling
-    drops such groups before the update.
-
-    Args:
-        rewards: ``[n]`` rewards R(x, y).
-        group_ids: ``[n]`` integers naming the prompt of each response.
-        normalize_std: divide by the group's std + ``eps`` (GRPO).
-        eps: added to the std.
-
-    Returns:
-        ``[n]`` advantages (float32, float64 if ``rewards`` is float64).
-    """
-    if not isinstance(rewards, torch.Tensor):
-        rewards = torch.as_tensor(rewards, dtype=torch.float32)
-    if rewards.dim() != 1:
-        raise ValueError(f"group_advantages: rewards must have shape [n], got {tuple(rewards.shape)}")
-    group_ids = torch.as_tensor(group_ids)
-    if group_ids.dim() != 1 or group_ids.shape[0] != rewards.shape[0]:
-        raise ValueError(
-            f"group_advantages: group_ids has shape {tuple(group_ids.shape)} but rewards has shape "
-            f"{tuple(rewards.shape)}; expected one group id per reward"
-        )
-    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-        raise TypeError(f"group_advantages: group_ids must be integers, got {group_ids.dtype}")
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    r = rewards.detach().to(dtype)
-    if not torch.isfinite(r).all():
-        raise ValueError(f"group_advantages: rewards has {int((~torch.isfinite(r)).sum())} NaN/inf value(s)")
-    if r.numel() == 0:
-        return r.clone()
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    g = int(inverse.max()) + 1
-    count = torch.zeros(g, dtype=dtype).index_add_(0, inverse, torch.ones_like(r))
-    mean = torch.zeros(g, dtype=dtype).index_add_(0, inverse, r) / count
-    adv = r - mean[inverse]
-    gmax = torch.full((g,), -math.inf, dtype=dtype).scatter_reduce(0, inverse, r, "amax")
-    gmin = torch.full((g,), math.inf, dtype=dtype).scatter_reduce(0, inverse, r, "amin")
-    constant = (gmax == gmin)[inverse]
-    if normalize_std:
-        sq = torch.zeros(g, dtype=dtype).index_add_(0, inverse, adv * adv)
-        std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(sq))
-        adv = adv / (std[inverse] + eps)
-    return torch.where(constant, torch.zeros_like(adv), adv)
-# --8<-- [end:group-advantages]
 
 
 # --8<-- [start:sequence-level-objective]
@@ -486,7 +283,7 @@ def minirl_loss(
             capped = train_infer_ratio if tis_cap is None else train_infer_ratio.clamp(max=tis_cap)
             weight = capped * ratio
             truncated = train_infer_ratio > tis_cap if tis_cap is not None else torch.zeros_like(b.mask)
-        keep = _clip_mask(ratio, adv, eps_low, eps_high)
+        keep = clip_mask(ratio, adv, eps_low, eps_high)
     per_token = keep * weight * adv * lp
     objective = _aggregate(per_token, b, per_response_mean=length_norm, denominator=normalizer)
     stats = _base_stats(b, clip_removed=~keep, masked=None, weight_values=raw[b.mask])
@@ -513,7 +310,7 @@ def _clipped_surrogate(
     per_token = _ppo_term(ratio, b.advantages, eps_low, eps_high)
     if is_weight is not None:
         per_token = is_weight.detach() * per_token
-    keep = _clip_mask(ratio.detach(), b.advantages, eps_low, eps_high)
+    keep = clip_mask(ratio.detach(), b.advantages, eps_low, eps_high)
     objective = _aggregate(per_token, b, per_response_mean=per_response_mean, denominator=denominator)
     return objective, keep, ratio.detach()
 # --8<-- [end:clipped-surrogate]
@@ -904,7 +701,7 @@ def gspo_loss(
     adv = b.response_advantages
     per_seq = torch.where(nonempty, _ppo_term(s, adv, eps_low, eps_high), torch.zeros_like(s))
     objective = per_seq.sum() / b.num_responses
-    keep = _clip_mask(s.detach(), adv, eps_low, eps_high)
+    keep = clip_mask(s.detach(), adv, eps_low, eps_high)
     stats = _base_stats(
         b, clip_removed=(~keep)[:, None].expand_as(b.mask), masked=None, weight_values=s.detach()[nonempty]
     )
@@ -949,7 +746,7 @@ def gspo_token_loss(
     s_tok = s_seq[:, None] * torch.exp(lp - lp.detach())
     per_token = _ppo_term(s_tok, b.advantages, eps_low, eps_high)
     objective = _aggregate(per_token, b, per_response_mean=True, denominator=b.num_responses)
-    keep = _clip_mask(s_tok.detach(), b.advantages, eps_low, eps_high)
+    keep = clip_mask(s_tok.detach(), b.advantages, eps_low, eps_high)
     stats = _base_stats(b, clip_removed=~keep, masked=None, weight_values=s_seq[b.lengths > 0])
     return -objective, stats
 # --8<-- [end:gspo-token]
@@ -1060,7 +857,7 @@ def rspo_loss(
     log_r = torch.log(gamma_tilde) + b["logp"] - b["old_logp"]
     lo, hi = math.log(1.0 - eps_low), math.log(1.0 + eps_high)
     c = torch.where(adv > 0, log_r.clamp(max=hi), torch.where(adv < 0, log_r.clamp(min=lo), log_r))
-    keep = _clip_mask(torch.exp(log_r.detach()), adv, eps_low, eps_high)
+    keep = clip_mask(torch.exp(log_r.detach()), adv, eps_low, eps_high)
     nonempty = b.lengths > 0
     s = torch.exp(_sequence_mean(c, b))
     objective = torch.where(nonempty, s * b.response_advantages, torch.zeros_like(s)).sum() / b.num_responses

@@ -30,6 +30,8 @@ import torch
 from .routing import RoutingTrace
 
 __all__ = [
+    "RoutingShape",
+    "ReplayHost",
     "RoutingPolicy",
     "ForwardRouting",
     "NativeRouting",
@@ -51,6 +53,42 @@ class ForwardRouting(Protocol):
 class RoutingPolicy(Protocol):
     def start_forward(self, *, batch: int, seq_len: int, offset: int, top_k: int) -> ForwardRouting:
         """Called once per model forward over ``batch x seq_len`` tokens at positions ``offset ..``."""
+
+
+@dataclass(frozen=True)
+class RoutingShape:
+    """The routed layers of a model, as a trace stores them: ``L`` MoE layers, top-``k`` of ``E`` experts."""
+
+    num_layers: int  # L: routed (MoE) layers, in the order the trace's layer axis uses
+    top_k: int  # k
+    num_experts: int  # E
+
+
+class ReplayHost(Protocol):
+    """What a model must offer to be recorded and replayed by :func:`record_routing` / :func:`replay_routing`.
+
+    ==================  ==========================  ============================================================
+    attribute           type                        meaning
+    ==================  ==========================  ============================================================
+    ``routing_shape``   :class:`RoutingShape`       ``L`` routed layers, top-``k``, ``E`` experts; a trace
+                                                    replayed into the model has ``[rows, L, k]`` ids < ``E``
+    ``routing``         :class:`RoutingPolicy`      settable; at each forward over ``[B, T]`` tokens at
+                                                    positions ``offset ..``, the model calls
+                                                    ``routing.start_forward(batch=B, seq_len=T, offset=offset,
+                                                    top_k=k)`` once, then, for each routed layer ``l`` in
+                                                    order, ``select(l, router_logits[B*T, E])`` → ids
+                                                    ``[B*T, k]`` int64 (rows batch-major: ``b*T + t``)
+    ``route_recorders`` ``list[RouteRecorder]``     after a forward that routed every layer, the model calls
+                                                    ``recorder.add(routes[B, T, L, k], offset=offset)`` on each
+    ==================  ==========================  ============================================================
+
+    :class:`reference_impl.MoEForCausalLM` implements it natively; transformers models get it from
+    :func:`reference_impl.integrations.transformers.attach_routing`.
+    """
+
+    routing_shape: RoutingShape
+    routing: RoutingPolicy
+    route_recorders: list
 
 
 def native_topk(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -166,13 +204,19 @@ class RouteRecorder:
         return RoutingTrace.from_padded(self.routes, seq_lengths, self.num_experts, valid)
 
 
-def _routing_shape(model) -> tuple[int, int, int]:
-    cfg = model.config
-    return cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.num_experts
+def _routing_shape(model: ReplayHost) -> tuple[int, int, int]:
+    shape = getattr(model, "routing_shape", None)
+    if not isinstance(shape, RoutingShape) or not hasattr(model, "routing") or not hasattr(model, "route_recorders"):
+        raise TypeError(
+            f"{type(model).__name__} is not a replay host: it needs routing_shape (a RoutingShape), routing and "
+            "route_recorders (see reference_impl.replay.ReplayHost); wrap transformers models with "
+            "reference_impl.integrations.transformers.attach_routing"
+        )
+    return shape.num_layers, shape.top_k, shape.num_experts
 
 
 @contextmanager
-def record_routing(model) -> Iterator[RouteRecorder]:
+def record_routing(model: ReplayHost) -> Iterator[RouteRecorder]:
     """Record the routes of every forward of ``model`` inside the block.
 
     >>> with record_routing(model) as rec:
@@ -189,7 +233,7 @@ def record_routing(model) -> Iterator[RouteRecorder]:
 
 @contextmanager
 def replay_routing(
-    model, trace: RoutingTrace, *, seq_lengths: Sequence[int] | None = None, strict: bool = True
+    model: ReplayHost, trace: RoutingTrace, *, seq_lengths: Sequence[int] | None = None, strict: bool = True
 ) -> Iterator[ReplayStats]:
     """Replay ``trace`` in every forward of ``model`` inside the block; yields live :class:`ReplayStats`.
 

@@ -17,129 +17,18 @@ The engine's numerics (``fp32``, ``bf16``, simulated ``fp8_e4m3`` / ``fp8_e5m2``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from .metrics import token_logprobs_and_entropy
+from .batch import RolloutBatch  # re-exported: its home is reference_impl.batch
+from .logprobs import next_token_logprobs, next_token_logprobs_and_entropy  # re-exported
 from .model import KVCache
 from .numerics import add_router_noise, engine_copy
 from .replay import record_routing
-from .routing import RoutingTrace, read_safetensors
+from .routing import RoutingTrace
 
-__all__ = ["RolloutBatch", "RolloutEngine", "next_token_logprobs", "next_token_logprobs_and_entropy"]
-
-_BATCH_FORMAT = "reference_impl.RolloutBatch"
-_BATCH_TENSORS = ("tokens", "prompt_lengths", "seq_lengths", "rollout_logp", "mask", "group_ids")
-
-
-@dataclass
-class RolloutBatch:
-    """Sampled sequences and the engine's view of them (``n`` = num_prompts × group_size)."""
-
-    tokens: torch.Tensor  # [n, S] right-padded prompt + response
-    prompt_lengths: torch.Tensor  # [n]
-    seq_lengths: torch.Tensor  # [n] prompt + response tokens
-    rollout_logp: torch.Tensor  # [n, S-1] log μ_θold(tokens[:, t+1] | tokens[:, :t+1])
-    mask: torch.Tensor  # [n, S-1] float, 1 on response-token columns
-    rollout_trace: RoutingTrace  # rows: positions 0 .. seq_len-2 of each sequence
-    group_ids: torch.Tensor  # [n] index of the prompt each response answers
-
-    @property
-    def num_sequences(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def response_lengths(self) -> torch.Tensor:
-        return self.seq_lengths - self.prompt_lengths
-
-    def responses(self, width: int) -> torch.Tensor:
-        """Response tokens ``[n, width]`` (right-padded; all prompts share one length in the toy tasks)."""
-        out = torch.zeros(self.num_sequences, width, dtype=self.tokens.dtype)
-        for i in range(self.num_sequences):
-            p, s = int(self.prompt_lengths[i]), int(self.seq_lengths[i])
-            r = min(s - p, width)
-            out[i, :r] = self.tokens[i, p : p + r]
-        return out
-
-    def save(self, path) -> None:
-        """Write the batch (tokens, log-probs, mask, routes) to one safetensors file, never pickle.
-
-        This is the exchange format of ``python -m reference_impl compare``: build a
-        :class:`RolloutBatch` from any engine's output (see :mod:`reference_impl.converters`) and save it.
-        """
-        tensors, meta = self.rollout_trace.to_tensors(prefix="trace.")
-        for name in _BATCH_TENSORS:
-            tensors[name] = getattr(self, name).contiguous()
-        meta["format"] = _BATCH_FORMAT
-        save_file(tensors, str(path), metadata=meta)
-
-    @staticmethod
-    def load(path) -> "RolloutBatch":
-        """Read a batch written by :meth:`save`; shapes and the alignment rule are checked."""
-        tensors, meta = read_safetensors(path, _BATCH_FORMAT)
-        missing = [n for n in _BATCH_TENSORS if n not in tensors]
-        if missing:
-            raise ValueError(f"RolloutBatch.load: file lacks tensors {missing}")
-        trace = RoutingTrace.from_tensors(tensors, meta, prefix="trace.")
-        batch = RolloutBatch(**{n: tensors[n] for n in _BATCH_TENSORS}, rollout_trace=trace)
-        batch.validate()
-        return batch
-
-    def validate(self) -> None:
-        """Raise unless shapes agree and the trace follows the alignment rule."""
-        n, S = self.tokens.shape
-        for name, shape in (("rollout_logp", (n, S - 1)), ("mask", (n, S - 1))):
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"RolloutBatch: {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
-        for name in ("prompt_lengths", "seq_lengths", "group_ids"):
-            if tuple(getattr(self, name).shape) != (n,):
-                raise ValueError(f"RolloutBatch: {name} has shape {tuple(getattr(self, name).shape)}, expected ({n},)")
-        if int(self.seq_lengths.max()) > S:
-            raise ValueError(f"RolloutBatch: a sequence length exceeds the {S} token columns")
-        self.rollout_trace.check_alignment(self.seq_lengths.tolist())
-
-    def select(self, index: torch.Tensor | list[int]) -> "RolloutBatch":
-        """The sub-batch of the given sequences (e.g. a mini-batch)."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        parts = self.rollout_trace.split()
-        width = int(self.seq_lengths[index].max())
-        return RolloutBatch(
-            tokens=self.tokens[index, :width],
-            prompt_lengths=self.prompt_lengths[index],
-            seq_lengths=self.seq_lengths[index],
-            rollout_logp=self.rollout_logp[index, : width - 1],
-            mask=self.mask[index, : width - 1],
-            rollout_trace=RoutingTrace.concatenate(parts[i] for i in index.tolist()),
-            group_ids=self.group_ids[index],
-        )
-
-
-def _shifted(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of positions ``0 .. S-2`` (tempered) and the tokens they predict, ``1 .. S-1``."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if logits.shape[:2] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)} in [n, S]")
-    scaled = logits[:, :-1] if temperature == 1.0 else logits[:, :-1] / temperature
-    return scaled, tokens[:, 1:]
-
-
-def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``logp[:, t] = log softmax(logits[:, t] / temperature)[tokens[:, t+1]]``, shape ``[n, S-1]``.
-
-    ``logits`` ``[n, S, V]`` from a forward over ``tokens`` ``[n, S]``; computed by the chunked
-    :func:`reference_impl.metrics.token_logprobs_and_entropy` (no second full-vocabulary fp32 tensor).
-    """
-    logp, _ = token_logprobs_and_entropy(*_shifted(logits, tokens, temperature), return_entropy=False)
-    return logp
-
-
-def next_token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`next_token_logprobs` and the (detached) full-vocabulary entropy at each position, ``[n, S-1]`` each."""
-    return token_logprobs_and_entropy(*_shifted(logits, tokens, temperature))
+__all__ = ["RolloutEngine", "RolloutBatch", "next_token_logprobs", "next_token_logprobs_and_entropy"]
 
 
 class RolloutEngine:

@@ -35,9 +35,12 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .checkpoint import save_hf_checkpoint
 from .model import MoEConfig, MoEForCausalLM
-from .objectives import OBJECTIVES, group_advantages
+from .advantages import group_advantages
+from .batch import RolloutBatch
+from .logprobs import next_token_logprobs, next_token_logprobs_and_entropy
+from .objectives import OBJECTIVES
 from .replay import record_routing, replay_routing
-from .rollout import RolloutBatch, RolloutEngine, next_token_logprobs, next_token_logprobs_and_entropy
+from .rollout import RolloutEngine
 from .routing import RoutingTrace
 from .tasks import EOS, PAD, VOCAB_SIZE, cold_start, make_task
 

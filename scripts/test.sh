@@ -13,6 +13,7 @@ export REQUIRE_ALL=1 NO_MKDOCS_2_WARNING=1 PYTHONHASHSEED=0
 # one OpenMP thread per process: steady timings on 2 cores with engine subprocesses around
 export OMP_NUM_THREADS=1
 nbstripout --verify tutorials/*/*.ipynb
+ruff check .   # rules and scope in pyproject.toml ([tool.ruff])
 python -m pytest tests "$@"
 elapsed=$(( $(date +%s) - start ))
 mkdir -p .artifacts && printf '{"seconds": %s, "pytest_args": "%s"}\n' "$elapsed" "$*" > .artifacts/test_timing.json

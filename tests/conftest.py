@@ -28,6 +28,14 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+def pytest_collection_modifyitems(config, items):
+    """Engine and site tests are slow by definition: the fast tier (-m "not slow") starts no engine,
+    notebook, site build or browser."""
+    for item in items:
+        if item.get_closest_marker("engine") or item.get_closest_marker("site"):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_model(seed: int = 0, **overrides) -> MoEForCausalLM:
     """A small Qwen3-MoE; ``router_initializer_range`` small gives near-tie router logits."""
     torch.manual_seed(seed)

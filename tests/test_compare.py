@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from reference_impl import RoutingTrace
 from reference_impl.__main__ import main as cli
-from reference_impl.rollout import RolloutBatch
+from reference_impl.batch import RolloutBatch
 from reference_impl.tasks import VOCAB_SIZE
 from reference_impl.tiny_checkpoint import build_tiny_checkpoint
 

@@ -197,11 +197,14 @@ def ref_rspo(batch, delta, gamma_min, eps_low, eps_high):
             g = max(math.exp(-delta[i][t]), gamma_min)
             rr = g * math.exp(lp[i][t] - old[i][t])
             if adv[i] > 0 and rr > 1 + eps_high:
-                cs.append(math.log(1 + eps_high)); live.append(False)
+                cs.append(math.log(1 + eps_high))
+                live.append(False)
             elif adv[i] < 0 and rr < 1 - eps_low:
-                cs.append(math.log(1 - eps_low)); live.append(False)
+                cs.append(math.log(1 - eps_low))
+                live.append(False)
             else:
-                cs.append(math.log(rr)); live.append(True)
+                cs.append(math.log(rr))
+                live.append(True)
         s = math.exp(sum(cs) / len(toks))
         total += s * adv[i] / n
         for t, alive in zip(toks, live):

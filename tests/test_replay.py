@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from reference_impl import KVCache, RoutingTrace, record_routing, replay_routing
+from reference_impl import RoutingTrace, record_routing, replay_routing
+from reference_impl.model import KVCache
 from reference_impl.model import gate_weights
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from reference_impl import RoutingTrace, record_routing, replay_routing
+from reference_impl import record_routing, replay_routing
 from reference_impl.metrics import kl_k3
 from reference_impl.rollout import RolloutEngine, next_token_logprobs
 from reference_impl.tasks import EOS, VOCAB_SIZE, make_task

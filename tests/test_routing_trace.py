@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from reference_impl import RoutingTrace, compact_dtype, routed_rows
+from reference_impl import RoutingTrace, routed_rows
+from reference_impl.routing import compact_dtype
 from reference_impl.routing import MAX_NUM_EXPERTS
 
 

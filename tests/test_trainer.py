@@ -7,7 +7,7 @@ import torch
 
 from reference_impl import replay_routing
 from reference_impl.__main__ import main as cli
-from reference_impl.rollout import next_token_logprobs
+from reference_impl.logprobs import next_token_logprobs
 from reference_impl.trainer import TrainConfig, Trainer
 
 FAST = dict(num_prompts=4, group_size=4, steps=2, cold_start_steps=5, progress=False)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..replay import NativeRouting, RoutingPolicy
+from ..replay import NativeRouting, RoutingPolicy, RoutingShape
 
 __all__ = ["HFRouting", "attach_routing", "SUPPORTED_ROUTERS"]
 
@@ -59,20 +59,12 @@ SUPPORTED_ROUTERS: dict[str, _RouterRule] = {
 }
 
 
-@dataclass(frozen=True)
-class _RoutingShape:
-    """What :func:`reference_impl.replay.record_routing` / ``replay_routing`` read from a model."""
-
-    num_hidden_layers: int
-    num_experts_per_tok: int
-    num_experts: int
-
-
 class HFRouting:
     """Adapter that lets :func:`record_routing` and :func:`replay_routing` drive a transformers MoE model.
 
-    It exposes the same ``config``, ``routing`` and ``route_recorders`` attributes as
-    :class:`reference_impl.MoEForCausalLM`. Create it with :func:`attach_routing`.
+    It implements :class:`reference_impl.replay.ReplayHost` (``routing_shape``, ``routing``,
+    ``route_recorders``), as :class:`reference_impl.MoEForCausalLM` does. Create it with
+    :func:`attach_routing`.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -89,7 +81,7 @@ class HFRouting:
         if len(shapes) != 1:
             raise ValueError(f"attach_routing: routers disagree on (num_experts, top_k): {sorted(shapes)}")
         (num_experts, top_k), = shapes
-        self.config = _RoutingShape(len(self.routers), top_k, num_experts)
+        self.routing_shape = RoutingShape(num_layers=len(self.routers), top_k=top_k, num_experts=num_experts)
         self.routing: RoutingPolicy = NativeRouting()
         self.route_recorders: list = []
         self._step = None
@@ -114,11 +106,11 @@ class HFRouting:
         offset = int(cache.get_seq_length()) if cache is not None else 0
         self._shape = (batch, seq_len, offset)
         self._ids = {}
-        self._step = self.routing.start_forward(batch=batch, seq_len=seq_len, offset=offset, top_k=self.config.num_experts_per_tok)
+        self._step = self.routing.start_forward(batch=batch, seq_len=seq_len, offset=offset, top_k=self.routing_shape.top_k)
 
     def _end_forward(self, module, args, output):
         batch, seq_len, offset = self._shape
-        if len(self._ids) == self.config.num_hidden_layers and self.route_recorders:
+        if len(self._ids) == self.routing_shape.num_layers and self.route_recorders:
             routes = torch.stack([self._ids[i].view(batch, seq_len, -1) for i in range(len(self._ids))], dim=2)
             for recorder in self.route_recorders:
                 recorder.add(routes, offset=offset)

@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 
 from reference_impl import MoEConfig, MoEForCausalLM, RoutingTrace, record_routing, replay_routing  # noqa: E402
-from reference_impl.rollout import next_token_logprobs  # noqa: E402
+from reference_impl.logprobs import next_token_logprobs  # noqa: E402
 from reference_impl.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 
 VOCAB, NUM_EXPERTS = 64, 8

@@ -20,7 +20,7 @@ import pytest
 
 from site_helpers import ROOT
 
-pytestmark = pytest.mark.site
+pytestmark = pytest.mark.docs
 
 DOCS = {"en": ROOT / "docs_en", "zh": ROOT / "docs_zh"}
 FENCE = re.compile(r"^\s*(```|~~~)")

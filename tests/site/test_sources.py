@@ -15,7 +15,7 @@ import pytest
 
 from site_helpers import ROOT
 
-pytestmark = pytest.mark.site
+pytestmark = pytest.mark.docs
 
 DOCS = {"en": ROOT / "docs_en", "zh": ROOT / "docs_zh"}
 TUTORIALS = {"en": ROOT / "tutorials" / "en", "zh": ROOT / "tutorials" / "zh"}
