@@ -6,6 +6,10 @@ lines; each public name (the module's ``__all__``, read statically, no import) g
 (``RoutingTrace``, ``replay_routing()``, ``RoutingTrace.agreement``) becomes a link to the API page
 of the same language, unless it already sits in a link or a code block. Names defined by two
 documented modules are left alone.
+
+``on_config`` also gives mkdocstrings the language of the build: it picks its locale from
+``theme.language`` in its own ``on_config``, which runs before mkdocs-static-i18n sets the language
+of the current build (priority -100), so the Chinese API page got English labels ("Parameters:").
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import html
 import re
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 from mkdocs.utils import get_relative_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,10 +37,14 @@ def public_names(module: str) -> list[str]:
     """``__all__`` of a package module, read from its source."""
     path = ROOT / Path(*module.split("."))
     path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    names: list[str] = []
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
-            return [ast.literal_eval(e) for e in node.value.elts]
-    return []
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and isinstance(node.value, (ast.List, ast.Tuple)):
+                # string entries only (a starred re-export of another module's names is that module's)
+                names += [e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return names
 
 
 def anchors() -> dict[str, str]:
@@ -59,6 +68,15 @@ def link_mentions(page_html: str, href_of) -> str:
 
 
 _ANCHORS: dict[str, str] | None = None
+
+
+@event_priority(-200)
+def on_config(config):
+    plugin = config.plugins.get("mkdocstrings")
+    handlers = getattr(plugin, "_handlers", None)
+    if handlers is not None and hasattr(handlers, "_locale"):
+        handlers._locale = str(config.theme.get("language") or "en").replace("_", "-")
+    return config
 
 
 def on_page_content(page_html, page, config, files):

@@ -66,6 +66,12 @@ def on_post_build(config):
             (root / "search" / "search_index.json").write_text(json.dumps(own, ensure_ascii=False), encoding="utf-8")
             merged_path.write_text(json.dumps(rest, ensure_ascii=False), encoding="utf-8")
             index = rest
+        not_found = root / "404.html"  # served anywhere below /<lang>/: its URLs are absolute
+        if not_found.is_file():
+            text = not_found.read_text(encoding="utf-8")
+            rebased = rebase(text, f"/{lang}")
+            if rebased != text:
+                not_found.write_text(rebased, encoding="utf-8")
         for page in root.rglob("index.html"):
             base = os.path.relpath(root, page.parent).replace(os.sep, "/")
             text = page.read_text(encoding="utf-8")

@@ -13,6 +13,10 @@
 * **Notebook figures.** ``assets/stylesheets/notebooks.css`` and ``assets/javascripts/notebooks.js``
   (from ``docs_hooks/assets/``, listed in ``mkdocs.yml``) show output figures at full width and
   zoom one to full screen on click.
+* **404 pages.** mkdocs-static-i18n renders ``404.html`` once per language, each time to the
+  site root, so the last language's overwrote the others. ``on_post_template`` keeps the default
+  language's page at ``404.html`` and writes each other language's to ``<lang>/404.html``
+  (``docs_hooks/overrides/404.html`` words it in the build's language).
 * **Sitemap.** MkDocs writes ``None/...`` URLs into ``sitemap.xml`` without a ``site_url``; then
   the sitemaps are removed instead.
 """
@@ -94,6 +98,22 @@ def on_page_content(html_text, page, config, files):
         f"{DOWNLOAD_LABEL[lang]} ({html.escape(name)})</a></p>\n"
     )
     return link + html_text
+
+
+_DEFAULT_404: dict[str, str] = {}
+
+
+def on_post_template(output, template_name, config):
+    if template_name != "404.html":
+        return output
+    lang = config.theme.get("language") or "en"
+    if lang == "en":
+        _DEFAULT_404[config.site_dir] = output
+        return output
+    target = Path(config.site_dir) / lang / "404.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(output, encoding="utf-8")
+    return _DEFAULT_404.get(config.site_dir, output)
 
 
 @event_priority(-200)  # after the i18n plugin's builds of every language (-100)

@@ -340,3 +340,13 @@ def test_notebook_figures_are_full_width_and_zoomable(site_dir, lang):
     sheets = [urlsplit(urljoin(here, l["href"])).path for l in soup.find_all("link", rel="stylesheet")]
     assert "/assets/stylesheets/notebooks.css" in sheets, sheets
     assert soup.select(".jupyter-wrapper .jp-OutputArea-output img"), f"{here}: no figure to check"
+
+
+def test_chinese_api_reference_has_chinese_labels(site_dir):
+    zh = _soup(site_dir, "zh/api/")
+    titles = {el.get_text(strip=True) for el in zh.select(".doc-section-title")}
+    headers = {th.get_text(strip=True) for th in zh.select(".doc table th")}
+    assert titles and not titles & {"Parameters:", "Returns:", "Raises:", "Attributes:"}, titles
+    assert "参数：" in titles and not headers & {"Name", "Type", "Description", "Default"}, headers
+    en = {el.get_text(strip=True) for el in _soup(site_dir, "api/").select(".doc-section-title")}
+    assert "Parameters:" in en

@@ -106,7 +106,8 @@ def test_api_names_come_from_the_documented_modules():
     anchors = api_links.anchors()
     assert anchors["RoutingTrace"] == "reference_impl.routing.RoutingTrace"
     assert anchors["replay_routing"] == "reference_impl.replay.replay_routing"
-    assert "minirl_loss" not in anchors  # objectives are not on the API page
+    assert anchors["minirl_loss"] == "reference_impl.objectives.minirl_loss"
+    assert all(anchor.startswith("reference_impl.") for anchor in anchors.values())
 
 
 def test_inline_code_mentions_link_to_the_api_page_except_in_links_headings_and_code():
