@@ -92,6 +92,6 @@ def on_page_content(page_html, page, config, files):
         anchor = _ANCHORS.get(name)
         if anchor is None:
             return None
-        return f"{api_url}#{anchor}{attribute}"
+        return f"{api_url}#{anchor}"  # members are not all rendered with anchors: link the object
 
     return link_mentions(page_html, href_of)
