@@ -4,11 +4,15 @@
 ``on_config`` fails the build if it is missing; ``on_post_build`` copies ``tex-svg.js`` (one
 self-contained file, SVG output, no web fonts) and our configuration script
 (``docs_hooks/assets/mathjax-config.js``) to ``assets/javascripts/`` of the built site, where
-``extra_javascript`` in ``mkdocs.yml`` loads them on every page of every language.
+``extra_javascript`` in ``mkdocs.yml`` lists them for every page; ``on_post_page`` removes both
+script tags from pages without math (no ``arithmatex`` element, and for a notebook page no ``$``
+or ``\\(`` in its Markdown cells), so MathJax loads only where a page has math.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -34,3 +38,25 @@ def on_post_build(config):
     (dest / "mathjax").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(MATHJAX, dest / "mathjax" / "tex-svg.js")
     shutil.copyfile(CONFIG_JS, dest / "mathjax-config.js")
+
+
+_MATHJAX_TAG = re.compile(r'<script[^>]*src="[^"]*(?:mathjax-config\.js|mathjax/tex-svg\.js)"[^>]*>\s*</script>\s*')
+
+
+def _notebook_has_math(path: str) -> bool:
+    try:
+        cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
+    except (OSError, ValueError, KeyError):
+        return True  # unknown: keep MathJax
+    text = "\n".join("".join(c["source"]) for c in cells if c.get("cell_type") == "markdown")
+    return "$" in text or "\\(" in text or "\\[" in text
+
+
+def has_math(output: str, page) -> bool:
+    if 'class="arithmatex"' in output:
+        return True
+    return page.file.src_uri.endswith(".ipynb") and _notebook_has_math(page.file.abs_src_path)
+
+
+def on_post_page(output, page, config):
+    return output if has_math(output, page) else _MATHJAX_TAG.sub("", output)

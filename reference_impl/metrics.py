@@ -64,7 +64,9 @@ def kl_k3(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
 
     Every term is ≥ 0. The R3 paper (arXiv 2510.11370) labels this quantity D_KL(π_train; π_infer);
     but the tokens are sampled from μ and the ratio is π/μ, so E_μ[ρ − 1 − log ρ] = KL(μ ‖ π_old):
-    it estimates **KL(μ_θold ‖ π_θold)**, the same divergence as :func:`kl_k1`, with lower variance.
+    it estimates **KL(μ_θold ‖ π_θold)**, the same divergence as :func:`kl_k1`. Its variance is lower
+    than k1's near ρ ≈ 1 (Schulman, "Approximating KL Divergence", 2020); with extreme tokens it
+    can be higher.
 
     Args: as :func:`kl_k1`.
     """

@@ -187,3 +187,32 @@ def test_mean_entropy_and_clip_fraction_summaries():
     m = torch.ones(4, 9)
     _, stats = minirl_loss(logp, old, old, adv, m)
     assert clip_fraction(logp, old, adv, m) == pytest.approx(stats["clip_fraction"])
+
+
+def _exact_variance(estimator, mu: list[float], pi_old: list[float]) -> tuple[float, float]:
+    """Mean and variance under x ~ μ of a one-token estimate, from the estimator's value on each token."""
+    values = [
+        estimator(torch.tensor([[LN(m)]]), torch.tensor([[LN(p)]]), torch.ones(1, 1)) for m, p in zip(mu, pi_old)
+    ]
+    mean = sum(m * v for m, v in zip(mu, values))
+    return mean, sum(m * (v - mean) ** 2 for m, v in zip(mu, values))
+
+
+def test_k3_variance_is_lower_only_near_ratio_one():
+    """Schulman's note (2020): k3 has low variance when μ ≈ π_old; the docs' concepts page quotes both cases.
+
+    Far from ρ ≈ 1 (a token that μ samples often and π_old gives half its probability, and one the
+    other way round) k3's variance exceeds k1's by two orders of magnitude.
+    """
+    kl = lambda mu, pi: sum(m * LN(m / p) for m, p in zip(mu, pi))  # noqa: E731
+    near_mu, near_pi = [0.5, 0.3, 0.2], [0.48, 0.31, 0.21]
+    far_mu, far_pi = [0.98, 0.01, 0.01], [0.50, 0.49, 0.01]
+    for mu, pi in [(near_mu, near_pi), (far_mu, far_pi)]:
+        for est in (kl_k1, kl_k3):  # both unbiased for KL(μ ‖ π_old)
+            assert _exact_variance(est, mu, pi)[0] == pytest.approx(kl(mu, pi), rel=1e-3)
+    _, var_k1 = _exact_variance(kl_k1, near_mu, near_pi)
+    _, var_k3 = _exact_variance(kl_k3, near_mu, near_pi)
+    assert var_k3 < var_k1 / 20
+    _, var_k1 = _exact_variance(kl_k1, far_mu, far_pi)
+    _, var_k3 = _exact_variance(kl_k3, far_mu, far_pi)
+    assert round(var_k1, 2) == 0.21 and round(var_k3, 1) == 19.1  # the numbers the concepts page gives

@@ -31,6 +31,7 @@ WAIT_FOR_MATH = """
 const done = arguments[arguments.length - 1];
 const deadline = Date.now() + 20000;
 (function poll() {
+  if (!document.querySelector('script[src$="mathjax/tex-svg.js"]')) { done("ready: no math on this page"); return; }
   const mj = window.MathJax;
   if (mj && mj.startup && mj.startup.promise && typeof mj.typesetPromise === "function") {
     mj.startup.promise.then(() => setTimeout(() => done("ready"), 200), (e) => done("error: " + e));
@@ -66,7 +67,7 @@ def _load(browser, url: str) -> list[dict]:
     _network_events(browser)  # drop what came before (the start page, the previous test)
     browser.get(url)
     state = browser.execute_async_script(WAIT_FOR_MATH)
-    assert state == "ready", f"{url}: {state}"
+    assert state.startswith("ready"), f"{url}: {state}"
     return _network_events(browser)
 
 
@@ -144,3 +145,33 @@ def test_chinese_search_finds_a_word_inside_a_sentence(browser, site_url):
     results = browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item a")
     hrefs = [r.get_attribute("href") for r in results]
     assert any("/zh/" in h for h in hrefs), f"no Chinese page found for 引擎: {hrefs}"
+
+
+def _search(browser, url: str, query: str) -> tuple[list[str], list[str]]:
+    """Type ``query`` into the search box of ``url``; (result hrefs, "missing term" notes)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _load(browser, url)
+    box = browser.find_element(By.CSS_SELECTOR, "input.md-search__input")
+    box.click()
+    box.send_keys(query)
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".md-search-result__item"))
+    hrefs = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item a")]
+    missing = [p.text for p in browser.find_elements(By.CSS_SELECTOR, ".md-search-result__terms")]
+    return hrefs, missing
+
+
+@pytest.mark.parametrize(
+    "lang, query",
+    [("zh", "路由回放"), ("zh", "训推不一致"), ("en", "replay")],
+)
+def test_search_stays_in_the_page_language(browser, site_url, lang, query):
+    hrefs, missing = _search(browser, site_url + lang_prefix(lang) + "concepts/", query)
+    assert hrefs, f"no result for {query!r}"
+    in_zh = [h for h in hrefs if "/zh/" in h]
+    if lang == "zh":
+        assert in_zh == hrefs, f"{query!r} on a Chinese page found English pages: {sorted(set(hrefs) - set(in_zh))[:5]}"
+    else:
+        assert not in_zh, f"{query!r} on an English page found Chinese pages: {in_zh[:5]}"
+    assert not missing, f"{query!r}: results marked with missing terms: {missing[:3]}"

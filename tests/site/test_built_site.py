@@ -164,8 +164,26 @@ def test_chinese_notebook_page_shows_the_chinese_narrative(site_dir, url):
         assert " ".join(sentence.split()) not in " ".join(zh_text.split()), f"zh/{url} shows English narrative"
 
 
-def test_site_contains_no_raw_notebooks(site_dir):
-    assert not list(site_dir.rglob("*.ipynb")), "a notebook was copied as a file instead of rendered"
+def test_the_only_notebook_files_are_the_downloads_next_to_their_pages(site_dir):
+    """Notebooks are rendered as pages; the .ipynb files in the site are the source notebooks,
+    copied to ``tutorials/`` (``zh/tutorials/``) for each page's download link."""
+    found = sorted(p.relative_to(site_dir).as_posix() for p in site_dir.rglob("*.ipynb"))
+    expected = sorted(f"{lang_prefix(lang)}tutorials/{nb.name}" for lang in LANGS for nb in (ROOT / "tutorials" / lang).glob("*.ipynb"))
+    assert found == expected
+    for rel in found:
+        lang = "zh" if rel.startswith("zh/") else "en"
+        assert (site_dir / rel).read_bytes() == (ROOT / "tutorials" / lang / Path(rel).name).read_bytes()
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("url", notebook_urls())
+def test_notebook_pages_link_their_notebook_for_download(site_dir, url, lang):
+    here = BASE + lang_prefix(lang) + url
+    link = _soup(site_dir, lang_prefix(lang) + url).select_one("p.notebook-download a[download]")
+    assert link is not None, f"{here}: no download link"
+    target = urlsplit(urljoin(here, link["href"])).path.lstrip("/")
+    assert (site_dir / target).is_file(), f"{here}: the download link leads to {target}, which is not in the site"
+    assert ("下载" in link.get_text()) == (lang == "zh")
 
 
 # ----------------------------------------------------------------------- language switch
@@ -183,10 +201,15 @@ def test_language_switcher_stays_on_the_same_page(site_dir, url, lang):
 
 
 # -------------------------------------------------------------------------------- search
+def _zh_index(site_dir: Path) -> tuple[dict, list[dict]]:
+    """The Chinese search index, with locations made site-relative again (``zh/...``)."""
+    index = json.loads((site_dir / "zh" / "search" / "search_index.json").read_text(encoding="utf-8"))
+    return index, [dict(d, location="zh/" + d["location"]) for d in index["docs"]]
+
+
 def test_search_index_segments_chinese_words(site_dir):
-    index = json.loads((site_dir / "search" / "search_index.json").read_text(encoding="utf-8"))
+    index, zh_docs = _zh_index(site_dir)
     separator = re.compile(index["config"]["separator"])
-    zh_docs = [d for d in index["docs"] if d["location"].startswith("zh/")]
     indexed_pages = {d["location"].split("#")[0] for d in zh_docs}
     assert {"zh/" + u for u in PAGES} <= indexed_pages, f"zh pages missing from the index: {set('zh/' + u for u in PAGES) - indexed_pages}"
 
@@ -216,7 +239,9 @@ def test_pages_load_nothing_from_other_hosts(site_dir, url, lang):
     here = BASE + lang_prefix(lang) + url
     soup = _soup(site_dir, lang_prefix(lang) + url)
     scripts = [s["src"] for s in soup.find_all("script", src=True)]
-    assert any(s.endswith("mathjax/tex-svg.js") for s in scripts), f"{here}: MathJax not loaded"
+    has_math = bool(soup.select(".arithmatex")) or (url.startswith("tutorials/") and _notebook_has_math(lang, url))
+    loads_mathjax = any(s.endswith("mathjax/tex-svg.js") for s in scripts)
+    assert loads_mathjax == has_math, f"{here}: MathJax {'not ' if has_math else ''}loaded on a page {'with' if has_math else 'without'} math"
     assert not any(s.strip() == "" for s in scripts), f"{here}: <script src=''>"
     loaded = scripts
     loaded += [l["href"] for l in soup.find_all("link", href=True) if set(l.get("rel", [])) & {"stylesheet", "icon", "preload", "modulepreload", "manifest"}]
@@ -235,3 +260,93 @@ def test_markdown_math_is_marked_for_mathjax(site_dir, url):
         # every $...$ of the source must have become an arithmatex span; none may stay in the text
         text = " ".join(el.get_text() for el in article.find_all(["p", "li", "td"]) if not el.find_parent(["pre", "code"]) and not el.find_parent(class_="arithmatex") and not el.select(".arithmatex"))
         assert not re.search(r"\$[^$\s][^$]*\$", text), f"{lang}/{url}: unconverted $...$ math"
+
+
+def _notebook_has_math(lang: str, url: str) -> bool:
+    cells = json.loads((ROOT / "tutorials" / lang / (url.strip("/").split("/")[-1] + ".ipynb")).read_text(encoding="utf-8"))["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return "$" in text or "\\(" in text
+
+
+# ---------------------------------------------------------------- search per language
+def test_each_language_has_its_own_search_index(site_dir):
+    en = json.loads((site_dir / "search" / "search_index.json").read_text(encoding="utf-8"))["docs"]
+    _, zh = _zh_index(site_dir)
+    assert en and zh
+    assert not [d["location"] for d in en if d["location"].startswith("zh/")], "Chinese pages in the English index"
+    assert {d["location"].split("#")[0] for d in en} >= set(PAGES)
+    assert sum(bool(CJK.search(d["title"] + d["text"])) for d in zh) > 0.8 * len(zh)
+
+
+@pytest.mark.parametrize("url", ["", "concepts/", "engines/vllm/", "tutorials/01_record_and_replay/"])
+def test_chinese_pages_search_the_chinese_index(site_dir, url):
+    here = BASE + "zh/" + url
+    config = json.loads(_soup(site_dir, "zh/" + url).select_one("script#__config").get_text())
+    assert urljoin(here, config["base"] + "/").rstrip("/") == (BASE + "zh").rstrip("/"), f"{here}: base {config['base']!r}"
+    config = json.loads(_soup(site_dir, url).select_one("script#__config").get_text())
+    assert urljoin(BASE + url, config["base"] + "/") == BASE
+
+
+def test_glossary_terms_are_indexed_whole(site_dir):
+    """路由回放 is one indexed word (jieba user dictionary), so the query 路由回放 matches it."""
+    index, zh = _zh_index(site_dir)
+    separator = re.compile(index["config"]["separator"])
+    tokens = {t for d in zh for t in separator.split(re.sub(r"<[^>]+>", " ", d["text"])) if t}
+    assert {"路由回放", "训推不一致", "策略陈旧性"} <= tokens
+
+
+# ------------------------------------------------------------------ sitemap, 404 pages
+def test_sitemaps_never_contain_none(site_dir):
+    sitemaps = list(site_dir.rglob("sitemap.xml"))
+    for path in sitemaps:
+        text = path.read_text(encoding="utf-8")
+        assert "None" not in text, f"{path.relative_to(site_dir)} holds 'None' URLs"
+        assert all(loc.startswith("https://") for loc in re.findall(r"<loc>([^<]*)</loc>", text))
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_each_language_has_a_404_page_in_its_language(site_dir, lang):
+    path = site_dir / lang_prefix(lang) / "404.html"
+    assert path.is_file(), f"{path.relative_to(site_dir)} missing"
+    soup = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+    assert soup.html.get("lang", "").startswith(lang), f"{path.name}: <html lang={soup.html.get('lang')!r}>"
+    article = soup.select_one("article") or soup.body
+    assert bool(CJK.search(article.get_text())) == (lang == "zh")
+
+
+# ------------------------------------------------------------------------ API cross-links
+@pytest.mark.parametrize("lang", LANGS)
+def test_pages_link_api_names_to_existing_api_anchors(site_dir, lang):
+    api_ids = {el["id"] for el in _soup(site_dir, lang_prefix(lang) + "api/").find_all(id=True)}
+    checked = 0
+    for url in ("", "routing-trace/", "routing-replay/", "engines/reference.md".replace(".md", "/")):
+        here = BASE + lang_prefix(lang) + url
+        for a in _article(_soup(site_dir, lang_prefix(lang) + url)).select("a[href*='api/#'] > code"):
+            target = urljoin(here, a.parent["href"])
+            assert urlsplit(target).path.rstrip("/") == urlsplit(BASE + lang_prefix(lang) + "api/").path.rstrip("/"), f"{here}: {target}"
+            assert urlsplit(target).fragment in api_ids, f"{here}: {a.get_text()} links to a missing anchor {target}"
+            checked += 1
+    assert checked >= 5, f"{lang}: only {checked} API links found"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_notebook_figures_are_full_width_and_zoomable(site_dir, lang):
+    css = (site_dir / "assets" / "stylesheets" / "notebooks.css").read_text(encoding="utf-8")
+    assert "width: 100%" in css and "notebook-zoomed" in css
+    assert (site_dir / "assets" / "javascripts" / "notebooks.js").is_file()
+    url = notebook_urls()[1]
+    soup = _soup(site_dir, lang_prefix(lang) + url)
+    here = BASE + lang_prefix(lang) + url
+    sheets = [urlsplit(urljoin(here, l["href"])).path for l in soup.find_all("link", rel="stylesheet")]
+    assert "/assets/stylesheets/notebooks.css" in sheets, sheets
+    assert soup.select(".jupyter-wrapper .jp-OutputArea-output img"), f"{here}: no figure to check"
+
+
+def test_chinese_api_reference_has_chinese_labels(site_dir):
+    zh = _soup(site_dir, "zh/api/")
+    titles = {el.get_text(strip=True) for el in zh.select(".doc-section-title")}
+    headers = {th.get_text(strip=True) for th in zh.select(".doc table th")}
+    assert titles and not titles & {"Parameters:", "Returns:", "Raises:", "Attributes:"}, titles
+    assert "参数：" in titles and not headers & {"Name", "Type", "Description", "Default"}, headers
+    en = {el.get_text(strip=True) for el in _soup(site_dir, "api/").select(".doc-section-title")}
+    assert "Parameters:" in en

@@ -42,6 +42,7 @@ VERIFIED_ARXIV = {
     "2402.03300",  # GRPO (DeepSeekMath)
     "2503.20783",  # Dr. GRPO
     "1707.06347",  # PPO
+    "2507.20673",  # GMPO: the e^{±0.4} clip range of the RSPO-style defaults
 }
 #: The seed review's "corrections" (24xx) of the three 2025 papers; spelled in two pieces so that
 #: a plain search of the repository finds them nowhere, this file included.
@@ -146,7 +147,39 @@ def test_both_languages_have_the_same_formulas_code_blocks_and_includes(page):
     en, zh = _structure("en", page), _structure("zh", page)
     assert en["display"] == zh["display"], f"{page}: {en['display']} display formulas in English, {zh['display']} in Chinese"
     assert en["fences"] == zh["fences"], f"{page}: {en['fences']} fenced code blocks in English, {zh['fences']} in Chinese"
-    assert en["snippets"] == zh["snippets"], f"{page}: snippet includes differ:\n{en['snippets']}\n{zh['snippets']}"
+    zh_paired = [_english_twin(target) for target in zh["snippets"]]
+    assert en["snippets"] == zh_paired, f"{page}: snippet includes differ:\n{en['snippets']}\n{zh['snippets']}"
+
+
+def _english_twin(target: str) -> str:
+    """A Chinese page includes ``X.zh.md`` where the English one includes ``X.md``."""
+    return target[: -len(".zh.md")] + ".md" if target.endswith(".zh.md") else target
+
+
+#: Tables written by a script: each has a Chinese twin X.zh.md written by the same script.
+GENERATED_TABLES = ["benchmarks/results/mismatch.md", "benchmarks/results/performance.md", "experiments/results/summary.md"]
+_TABLE_ROW = re.compile(r"^\|.*\|\s*$", re.M)
+
+
+@pytest.mark.parametrize("table", GENERATED_TABLES)
+def test_every_generated_table_has_a_chinese_twin_with_the_same_rows(table):
+    en = (ROOT / table).read_text(encoding="utf-8")
+    zh_path = ROOT / (table[: -len(".md")] + ".zh.md")
+    assert zh_path.is_file(), f"{table} has no Chinese twin {zh_path.relative_to(ROOT)}; re-run its generator"
+    zh = zh_path.read_text(encoding="utf-8")
+    en_rows, zh_rows = _TABLE_ROW.findall(en), _TABLE_ROW.findall(zh)
+    assert len(en_rows) == len(zh_rows), f"{table}: {len(en_rows)} table rows in English, {len(zh_rows)} in Chinese"
+    headers = [row for i, row in enumerate(zh_rows) if i + 1 < len(zh_rows) and zh_rows[i + 1].startswith("|---")]
+    assert headers and all(re.search(r"[\u4e00-\u9fff]", h) for h in headers), f"{zh_path.name}: English table header {headers}"
+    numbers = lambda text: re.findall(r"\d+\.\d+(?:e[-+]\d+)?%?", text)  # noqa: E731
+    assert numbers(en) == numbers(zh), f"{table} and its twin hold different numbers; regenerate both"
+
+
+@pytest.mark.parametrize("table", GENERATED_TABLES)
+def test_chinese_pages_include_the_chinese_twin(table):
+    for page in _pages("zh"):
+        targets = _structure("zh", page)["snippets"]
+        assert table not in targets, f"docs_zh/{page} includes the English {table}; include {table[:-3]}.zh.md"
 
 
 def _section_names(path: Path) -> set[str]:
@@ -273,3 +306,50 @@ def test_package_code_is_included_not_pasted(lang):
                 if name in package:
                     pasted.append(f"docs_{lang}/{page}: def {name}(...) is pasted; include it from reference_impl with --8<--")
     assert not pasted, "\n".join(pasted)
+
+
+# ------------------------------------------------------------------------------- zh terms
+#: Forms the Chinese pages must not use (GLOSSARY: one term per concept), with the term to use.
+ZH_AVOID = {
+    "重算": "重新计算 (recompute; 激活重计算 stays)",
+    "接近平局": "接近持平 (near-tie)",
+    "几乎持平": "接近持平 (near-tie)",
+    "转换器": "转换函数 (converter)",
+    "坑": "常见陷阱 (pitfall)",
+    "不除以 $1/": "不乘 1/|y_i| (multiplying by 1/|y_i| is what is left out)",
+}
+_ZH_CODE = re.compile(r"`[^`]*`|\$\$.*?\$\$|\$[^$\n]*\$|\]\([^)]*\)|<[^>]*>", re.S)
+
+
+def _zh_prose(text: str) -> str:
+    """A Chinese page without fenced code, inline code, math, link targets and HTML tags."""
+    lines, fence = [], False
+    for line in text.split("\n"):
+        if FENCE.match(line):
+            fence = not fence
+        elif not fence:
+            lines.append(line)
+    return _ZH_CODE.sub(" ", "\n".join(lines))
+
+
+def _zh_sources() -> dict[str, str]:
+    """Chinese pages (the glossary names the avoided forms on purpose) and zh notebooks' Markdown cells."""
+    out = {
+        k: v for k, v in _prose_sources().items()
+        if (k.startswith("docs_zh/") and k != "docs_zh/glossary.md") or k == "README.zh-CN.md"
+    }
+    for nb in sorted((ROOT / "tutorials" / "zh").glob("*.ipynb")):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        out[nb.relative_to(ROOT).as_posix()] = "\n\n".join(
+            "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(_zh_sources()))
+def test_chinese_pages_use_the_glossary_terms(name):
+    text = _zh_sources()[name]
+    prose = _zh_prose(text)
+    found = {bad: use for bad, use in ZH_AVOID.items() if bad in (text if "$" in bad else prose).replace("激活重计算", "")}
+    assert not found, f"{name} uses {sorted(found)}; write {sorted(found.values())}"
+    assert not re.search(r"(?<![A-Za-z_])prompts?(?![A-Za-z_])", prose), f"{name}: write 提示词 for prompt in prose (code keeps prompt)"

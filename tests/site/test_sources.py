@@ -78,7 +78,10 @@ def test_every_heading_has_an_explicit_id_equal_in_both_languages(page):
 
 @pytest.mark.parametrize("page", _pages("en"))
 def test_both_languages_include_the_same_code(page):
-    assert _code_references(DOCS["en"] / page) == _code_references(DOCS["zh"] / page)
+    """Same includes, except that a Chinese page includes the Chinese twin ``X.zh.md`` of a generated
+    table ``X.md`` (written by the same script)."""
+    zh = [line.replace('.zh.md"', '.md"') for line in _code_references(DOCS["zh"] / page)]
+    assert _code_references(DOCS["en"] / page) == zh
 
 
 @pytest.mark.parametrize("page", _pages("zh"))
