@@ -438,14 +438,18 @@ class Trainer:
         native_trace = native_old[1]
         mb_stats = self.update(batch, old_logp, old_trace, advantages, native_old)
         mask = batch.mask
+        as_used, native = batch.rollout_trace.agreement(old_trace), batch.rollout_trace.agreement(native_trace)
         record = {
             "step": self.step,
             "reward": float(rewards.mean()),
             "response_length": float(batch.response_lengths.float().mean()),
             **M.mismatch_metrics(batch.rollout_logp, old_logp, mask, tau=2.0),
-            "routing_disagreement": batch.rollout_trace.agreement(old_trace).router_disagreement,
-            "native_routing_disagreement": batch.rollout_trace.agreement(native_trace).router_disagreement,
-            "native_token_disagreement": batch.rollout_trace.agreement(native_trace).token_disagreement,
+            "routing_disagreement": as_used.router_disagreement,
+            "native_routing_disagreement": native.router_disagreement,
+            "native_token_disagreement": native.token_disagreement,
+            # n of N: the disagreements above are over rows valid in both traces (NaN when none is)
+            "routing_rows_compared": float(native.num_tokens),
+            "routing_rows_total": float(native.num_rows),
             "entropy": float(masked_sum(entropy, mask.bool()) / mask.sum()),  # NaN-safe: padding never enters
             "seconds_rollout": t_rollout,
             "seconds_step": time.perf_counter() - t0,
