@@ -164,7 +164,16 @@ def from_vllm(
     return RoutingTrace.concatenate(parts)
 
 
-def from_sglang(routed_experts_b64: Sequence[str], seq_lengths: Sequence[int], num_layers: int, top_k: int, num_experts: int) -> RoutingTrace:
+def _tagged(trace: RoutingTrace, router_family: str | None) -> RoutingTrace:
+    """``trace`` recording the router family that produced it (``router_family=``, the converters' one keyword for it)."""
+    if router_family is None:
+        return trace
+    return RoutingTrace(trace.expert_ids, trace.num_experts, trace.valid, trace.rows_per_seq, router_family=router_family)
+
+
+def from_sglang(
+    routed_experts_b64: Sequence[str], seq_lengths: Sequence[int], num_layers: int, top_k: int, num_experts: int, *, router_family: str | None = None
+) -> RoutingTrace:
     """SGLang's ``meta_info["routed_experts"]`` (base64 of int32 ``[len(tokens)-1, L, k]``), as slime consumes it."""
     _check_batch("from_sglang", "routed_experts_b64", routed_experts_b64, ("seq_lengths", seq_lengths))
     for name, value in (("num_layers", num_layers), ("top_k", top_k)):
@@ -188,7 +197,7 @@ def from_sglang(routed_experts_b64: Sequence[str], seq_lengths: Sequence[int], n
         rows = torch.from_numpy(flat.reshape(-1, num_layers, top_k).copy())
         _check_rows(rows, int(n), f"from_sglang: sequence {i}")
         parts.append(RoutingTrace(rows, num_experts))
-    return RoutingTrace.concatenate(parts)
+    return _tagged(RoutingTrace.concatenate(parts), router_family)
 
 
 def from_verl(
@@ -198,6 +207,7 @@ def from_verl(
     *,
     attention_mask: Any = None,
     response_mask: Any = None,
+    router_family: str | None = None,
 ) -> RoutingTrace:
     """verl's ``routed_experts`` (int16, one row per token, zero rows where nothing was recorded).
 
@@ -255,7 +265,7 @@ def from_verl(
             "routed natively on replay (verl would replay expert 0 k times there).",
             stacklevel=2,
         )
-    return RoutingTrace.concatenate(parts)
+    return _tagged(RoutingTrace.concatenate(parts), router_family)
 
 
 def _as_bool(mask, name: str) -> torch.Tensor:
@@ -318,7 +328,7 @@ def slime_filler(rows: int, num_layers: int, top_k: int, num_experts: int) -> to
     return (torch.arange(rows * num_layers * top_k) % num_experts).reshape(rows, num_layers, top_k)
 
 
-def from_slime(rollout_routed_experts: Any, seq_lengths: Sequence[int], num_experts: int) -> RoutingTrace:
+def from_slime(rollout_routed_experts: Any, seq_lengths: Sequence[int], num_experts: int, *, router_family: str | None = None) -> RoutingTrace:
     """slime's routed experts: per sample, or packed the way its Megatron actor replays them.
 
     * **per sample** (``Sample.rollout_routed_experts``, a list): ``[n_i - 1, L, k]`` (SGLang's
@@ -365,7 +375,7 @@ def from_slime(rollout_routed_experts: Any, seq_lengths: Sequence[int], num_expe
             rows = rows[:-1]
         _check_rows(rows, n, name)
         parts.append(RoutingTrace(rows, num_experts))
-    return RoutingTrace.concatenate(parts)
+    return _tagged(RoutingTrace.concatenate(parts), router_family)
 
 
 def from_sentinel_rows(routes: Sequence, seq_lengths: Sequence[int], num_experts: int, sentinel: int = -1) -> RoutingTrace:

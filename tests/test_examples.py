@@ -84,7 +84,7 @@ def test_validate_framework_converts_every_layout_and_compares(tmp_path):
     out = run_example("validate_framework.py", tmp_path, "--workdir", str(tmp_path / "work"))
     for name in ("vLLM", "SGLang/slime", "verl"):
         assert re.search(rf"^\s*{re.escape(name)}: \d+ sequences, \d+ routed rows, 2 layers x top-2, stored as torch.uint8$", out, re.M)
-    for line in ("routing disagreement: router", "per layer: L0", "native  : KL k1", "replayed: KL k1", "worst tokens"):
+    for line in ("routing disagreement (engine vs native recompute): router", "per layer: L0", "native  : KL k1", "replayed: KL k1", "worst tokens"):
         assert line in out
     assert "R3 replay lowers KL(mu || pi_old): True" in out
     assert re.search(r"off-by-one caught: from_vllm: sequence 0: routed_experts has \d+ rows but a sequence of (\d+) tokens", out)

@@ -19,9 +19,14 @@ def test_reproduction_script_ci_profile_runs_and_writes_its_outputs(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["mismatch"]) == {"bf16", "fp8_e4m3", "fp8_e5m2"}
     assert "on_policy/minirl_r3" in summary["rl"] and "off_policy/N2/r2/noclip" in summary["rl"]
-    # R3 never raises the train-inference KL above native recompute (replay removes routing flips)
-    for row in summary["mismatch"].values():
-        assert row["kl_k3_r3"][0] <= row["kl_k3"][0] * (1 + 1e-6)
+    # R3 removes routing flips: it lowers the train-inference KL where flips dominate (fp8_e5m2), and
+    # where they barely occur (bf16, fp8_e4m3 on 16 prompts) it moves the KL by well under 1% either way
+    # (measured on this profile: bf16 5.4326e-5 -> 5.4363e-5, also at commit 1d589c3, so "never raises"
+    # was a property of one machine's numbers, not of R3).
+    mm = summary["mismatch"]
+    assert mm["fp8_e5m2"]["kl_k3_r3"][0] < mm["fp8_e5m2"]["kl_k3"][0]
+    for row in mm.values():
+        assert row["kl_k3_r3"][0] <= row["kl_k3"][0] * 1.01
     assert (tmp_path / "rewards.png").stat().st_size > 1000
     assert "R3 vs native recompute" in (tmp_path / "summary.md").read_text()
     assert "R3 与原生重新计算对比" in (tmp_path / "summary.zh.md").read_text()

@@ -326,13 +326,8 @@ def shard_specs(model) -> dict[str, ShardSpec]:
     local_experts = cfg.num_moe_experts // ps.get_expert_model_parallel_world_size() if cfg.num_moe_experts else 0
     out = {}
     for name, param in model.named_parameters():
-        parts = name.split(".")
-        if parts[:2] == ["decoder", "layers"]:
-            parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+        parts = _global_name(model, name, ep_rank, local_experts).split(".")
         expert = "local_experts" in parts
-        if expert:
-            i = parts.index("local_experts") + 1
-            parts[i] = str(int(parts[i]) + ep_rank * local_experts)
         count, index, dim = 1, 0, 0
         if getattr(param, "tensor_model_parallel", False):
             dim = param.partition_dim
@@ -343,6 +338,17 @@ def shard_specs(model) -> dict[str, ShardSpec]:
         gated = bool(cfg.gated_linear_unit) and name.endswith("linear_fc1.weight") and count > 1
         out[name] = ShardSpec(".".join(parts), index, count, dim, gated)
     return out
+
+
+def _global_name(model, name: str, ep_rank: int, local_experts: int) -> str:
+    """A local parameter or buffer name in the one-process model: global decoder layer and expert indices."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    if "local_experts" in parts:
+        i = parts.index("local_experts") + 1
+        parts[i] = str(int(parts[i]) + ep_rank * local_experts)
+    return ".".join(parts)
 
 
 def shard_tensor(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
@@ -373,7 +379,17 @@ def shard_state_dict(full: dict[str, torch.Tensor], model) -> dict[str, torch.Te
     missing = [s.name for s in specs.values() if s.name not in full]
     if missing:
         raise ValueError(f"shard_state_dict: the full state dict has no {missing[:5]}")
-    return {local: shard_tensor(full[spec.name], spec) for local, spec in specs.items()}
+    out = {local: shard_tensor(full[spec.name], spec) for local, spec in specs.items()}
+    # persistent buffers (the router's expert_bias) are replicated on every rank: copied whole
+    from megatron.core import parallel_state as ps
+
+    ep_rank = ps.get_expert_model_parallel_rank()
+    local_experts = model.config.num_moe_experts // ps.get_expert_model_parallel_world_size() if model.config.num_moe_experts else 0
+    for local in model.state_dict():
+        name = _global_name(model, local, ep_rank, local_experts)
+        if local not in out and name in full:
+            out[local] = full[name]
+    return out
 
 
 def gather_full_grads(model, full_shapes: dict[str, torch.Size], group=None) -> dict[str, torch.Tensor]:
